@@ -1,0 +1,40 @@
+"""Defaults shared by every family's config; `configs/<family>.py` overrides them."""
+import os
+
+import ml_collections
+
+from jaxgen import sharding
+
+
+def data_config():
+  return ml_collections.ConfigDict(dict(
+      name='fashion_mnist',
+      data_dir=os.environ.get('JAXGEN_DATA_DIR', '~/.cache/jaxgen/tfds'),
+      manual_dir='/usr/share/datasets/fashion-mnist',
+      image_size=32, channels=1, num_classes=10, flip=False,
+      num_threads=2, prefetch=4))
+
+
+def base_config():
+  c = ml_collections.ConfigDict()
+  c.family = ''
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 64            # global, over all processes and devices
+  c.grad_accum_steps = 1
+  c.log_every = 50
+  c.checkpoint_every = 500     # 0 disables periodic checkpoints (the final one is kept)
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.sample_every = 0           # 0: only at the end of training
+  c.eval_every = 0
+  c.eval_batches = 10
+  c.progress_bar = True
+  c.data = data_config()
+  c.optim = ml_collections.ConfigDict(dict(
+      name='adamw', lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      schedule='constant', warmup_steps=0, end_lr_ratio=0.0, grad_clip=1.0,
+      ema_decay=0.9999, ema_warmup=True))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.axis_rules = sharding.DEFAULT_RULES
+  return c

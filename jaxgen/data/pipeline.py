@@ -1,0 +1,165 @@
+"""TFDS (ArrayRecord) + grain input pipeline: prepare once, then deterministic, resumable iterators."""
+import contextlib
+import fcntl
+import functools
+import os
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from jaxgen.data import fashion_mnist
+from jaxgen.data.errors import DatasetNotFoundError
+
+__all__ = ['DatasetNotFoundError', 'default_data_config', 'prepare_dataset', 'num_examples',
+           'make_iterator']
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.name = 'fashion_mnist'
+  cfg.data_dir = os.path.expanduser(os.environ.get('JAXGEN_DATA_DIR', '~/.cache/jaxgen/tfds'))
+  cfg.manual_dir = fashion_mnist.DEFAULT_MANUAL_DIR
+  cfg.image_size = 32
+  cfg.channels = 1
+  cfg.num_classes = 10
+  cfg.flip = False
+  cfg.num_threads = 2
+  cfg.prefetch = 4
+  return cfg
+
+
+def _data_dir(cfg) -> str:
+  return os.path.expanduser(os.fspath(cfg.data_dir))
+
+
+def _builder(cfg):
+  if cfg.name == 'fashion_mnist':
+    return fashion_mnist.JaxgenFashionMnist(data_dir=_data_dir(cfg))
+  try:
+    return tfds.builder(cfg.name, data_dir=_data_dir(cfg))
+  except Exception as e:  # Unknown name, or its builder module needs TensorFlow.
+    raise DatasetNotFoundError(_one_line(f'TFDS dataset {cfg.name!r} is not available', e)) from e
+
+
+def _one_line(what, e) -> str:
+  cause = (str(e).strip().splitlines() or [''])[0]
+  return (f'{what}: {type(e).__name__}: {cause} (datasets other than fashion_mnist need '
+          "TensorFlow for image decoding ('pip install tensorflow') and their raw data)")
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_dataset(data_config) -> None:
+  """Builds the dataset into data_config.data_dir once; a no-op when it is already there."""
+  if _builder(data_config).is_prepared():
+    return
+  data_dir = _data_dir(data_config)
+  os.makedirs(data_dir, exist_ok=True)
+  # Several training processes may get here at once: one builds, the others wait and reuse.
+  with _file_lock(os.path.join(data_dir, f'.{data_config.name}.prepare.lock')):
+    builder = _builder(data_config)  # Fresh, so it sees a build finished while we waited.
+    if builder.is_prepared():
+      return
+    manual_dir = data_config.get('manual_dir')
+    if data_config.name == 'fashion_mnist':
+      manual_dir = manual_dir or fashion_mnist.DEFAULT_MANUAL_DIR
+      fashion_mnist.check_manual_dir(manual_dir)
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      return
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
+          file_format='array_record')
+    except Exception as e:
+      raise DatasetNotFoundError(_one_line(f'could not prepare TFDS dataset {data_config.name!r}', e)) from e
+
+
+def num_examples(data_config, split: str) -> int:
+  prepare_dataset(data_config)
+  return _builder(data_config).info.splits[split].num_examples
+
+
+def _flip(example, rng):
+  if rng.random() < 0.5:
+    example = dict(example, image=np.asarray(example['image'])[:, ::-1])
+  return example
+
+
+def _resize(image, size):
+  """Center-crops to a square and resizes (uint8 HWC in, uint8 HWC out)."""
+  h, w, c = image.shape
+  s = min(h, w)
+  image = image[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+  if s == size:
+    return image
+  pil = Image.fromarray(image[..., 0] if c == 1 else image)
+  out = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
+  return out.reshape(size, size, c)
+
+
+def _preprocess(example, *, size, channels, pad):
+  image = np.asarray(example['image'])
+  if image.ndim == 2:
+    image = image[..., None]
+  if not pad:
+    image = _resize(image, size)
+  image = image.astype(np.float32) / 127.5 - 1.0
+  if pad:
+    # Pad with the background value (-1, i.e. black) rather than stretching the 28x28 digits.
+    dh, dw = size - image.shape[0], size - image.shape[1]
+    image = np.pad(image, ((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2), (0, 0)),
+                   constant_values=-1.0)
+  if image.shape[-1] != channels:
+    image = np.repeat(image, channels, axis=-1)  # Grayscale -> RGB; other cases rejected earlier.
+  return {'image': image, 'label': np.int32(example['label'])}
+
+
+def make_iterator(data_config, split: str, *, global_batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1, train: bool = True):
+  """Returns a grain DatasetIterator of {'image': f32 [B, S, S, C] in [-1, 1], 'label': i32 [B]}.
+
+  B = global_batch_size // process_count. Process p reads elements p, p + n, p + 2n, ... of the
+  (shuffled, repeated) global stream, so at every step the processes' batches together form
+  exactly the single-process global batch.
+  """
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} must be positive and divisible by '
+                     f'process_count={process_count}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')
+  local_batch = global_batch_size // process_count
+  size, channels = data_config.image_size, data_config.channels
+
+  prepare_dataset(data_config)
+  builder = _builder(data_config)
+  in_channels = builder.info.features['image'].shape[-1]
+  if in_channels not in (channels, 1):
+    raise ValueError(f'cannot turn {in_channels}-channel images of {data_config.name!r} into '
+                     f'{channels} channels')
+  pad = data_config.name == 'fashion_mnist' and size == 32
+
+  ds = grain.MapDataset.source(builder.as_data_source(split=split))
+  if train:
+    ds = ds.shuffle(seed=seed)  # Followed by repeat(): a fresh permutation every epoch.
+  ds = ds.repeat()
+  if train and data_config.get('flip', False):
+    # Before sharding, so each flip depends on the global element index: resumed runs and any
+    # process count see the same flips.
+    ds = ds.random_map(_flip, seed=seed)
+  ds = ds[process_index::process_count]
+  ds = ds.map(functools.partial(_preprocess, size=size, channels=channels, pad=pad))
+  ds = ds.batch(local_batch, drop_remainder=True)
+  read = grain.ReadOptions(num_threads=data_config.get('num_threads', 2),
+                           prefetch_buffer_size=data_config.get('prefetch', 4))
+  return iter(ds.to_iter_dataset(read))

@@ -1,0 +1,56 @@
+"""DiT family: class-conditional DiT trained with rectified flow or DDPM."""
+import jax
+import jax.numpy as jnp
+
+from jaxgen import objectives, sampling
+from jaxgen.families.base import FamilyBase
+from jaxgen.models import dit
+
+
+class Family(FamilyBase):
+
+  def __init__(self, config):
+    super().__init__(config)
+    m, d = config.model, config.data
+    self.model = dit.DiT(
+        image_size=d.image_size, channels=d.channels, patch_size=m.patch_size, width=m.width,
+        depth=m.depth, num_heads=m.num_heads, num_classes=d.num_classes,
+        mlp_ratio=m.mlp_ratio, class_dropout=m.class_dropout, qk_norm=m.qk_norm,
+        dtype=jnp.dtype(m.dtype))
+    self.objective = objectives.make_objective(config.objective)
+    self.image_shape = (d.image_size, d.image_size, d.channels)
+
+  def init_params(self, rng):
+    x = jnp.zeros((1, *self.image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32)
+    return self.model.init({'params': rng, 'dropout': rng}, x, t, y, train=False)['params']
+
+  def loss(self, params, batch, rng, train):
+    drop_rng, obj_rng = jax.random.split(rng)
+    denoise = lambda z, t: self.model.apply(
+        {'params': params}, z, t, batch['label'], train=train, rngs={'dropout': drop_rng})
+    return self.objective.loss(denoise, batch['image'], obj_rng)
+
+  def denoiser(self, params, labels, cfg_scale):
+    apply = lambda z, t, y: self.model.apply({'params': params}, z, t, y)
+    return sampling.classifier_free_guidance(apply, labels, self.config.data.num_classes,
+                                             cfg_scale)
+
+  def sample(self, params, rng, labels):
+    s = self.config.sample
+    noise_rng, step_rng = jax.random.split(rng)
+    noise = jax.random.normal(noise_rng, (labels.shape[0], *self.image_shape), jnp.float32)
+    out = self.objective.sample(self.denoiser(params, labels, s.cfg_scale), noise, step_rng,
+                                num_steps=s.num_steps, method=s.method)
+    return jnp.clip(out, -1, 1)
+
+  def flops_per_example(self, train=True):
+    m, d = self.config.model, self.config.data
+    return dit.flops_per_example(image_size=d.image_size, patch_size=m.patch_size,
+                                 width=m.width, depth=m.depth, mlp_ratio=m.mlp_ratio,
+                                 channels=d.channels, train=train)
+
+  def row_names(self):
+    from jaxgen.data.fashion_mnist import CLASS_NAMES
+    return list(CLASS_NAMES) if self.config.data.name == 'fashion_mnist' else None

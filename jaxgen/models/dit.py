@@ -1,0 +1,86 @@
+"""Class-conditional Diffusion Transformer (Peebles & Xie), the backbone DiT-MoE makes sparse.
+
+Patchify -> fixed 2-D sin-cos positions -> N adaLN-Zero blocks conditioned on
+c = t_emb + y_emb -> adaLN final layer -> unpatchify. Built from shared layers.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxgen.models import layers
+
+# The paper's sizes: name -> (depth, width, heads).
+SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16),
+         'G': (40, 1408, 16)}
+
+
+class DiTBlock(nn.Module):
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    width = x.shape[-1]
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = layers.AdaLNModulation(
+        6, dtype=self.dtype, name='adaLN')(c, width)
+    norm = lambda name: layers.LayerNorm(use_scale=False, dtype=self.dtype, name=name)
+    h = layers.modulate(norm('norm1')(x), shift_a, scale_a)
+    x = x + gate_a * layers.Attention(self.num_heads, self.qk_norm, self.dtype, name='attn')(h)
+    h = layers.modulate(norm('norm2')(x), shift_m, scale_m)
+    x = x + gate_m * layers.Mlp(int(width * self.mlp_ratio), 'gelu', self.dtype, name='mlp')(h)
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+class DiT(nn.Module):
+  """x: [B, H, W, C] noisy input, t: [B] time, labels: [B] ints -> [B, H, W, C]."""
+  image_size: int
+  channels: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  num_classes: int
+  mlp_ratio: float = 4.0
+  class_dropout: float = 0.1
+  qk_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t, labels, *, train: bool = False):
+    p = self.patch_size
+    if self.image_size % p:
+      raise ValueError(f'image_size {self.image_size} is not divisible by patch_size {p}')
+    tokens = layers.patchify(x.astype(self.dtype), p)
+    h = layers.dense(self.width, (None, 'embed'), dtype=self.dtype, name='patch_embed')(tokens)
+    h = h + layers.sincos_2d_embedding(self.width, self.image_size // p)[None].astype(self.dtype)
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'embed'))
+    c = layers.TimestepEmbedder(self.width, dtype=self.dtype, name='t_embed')(t)
+    c = c + layers.LabelEmbedder(self.num_classes, self.width, self.class_dropout,
+                                 name='y_embed')(labels, train).astype(self.dtype)
+    for i in range(self.depth):
+      h = DiTBlock(self.num_heads, self.mlp_ratio, self.qk_norm, self.dtype, name=f'block{i}')(h, c)
+    shift, scale = layers.AdaLNModulation(2, dtype=self.dtype, name='final_adaLN')(c, self.width)
+    h = layers.modulate(layers.LayerNorm(use_scale=False, dtype=self.dtype)(h), shift, scale)
+    out = layers.dense(p * p * self.channels, ('embed', None), dtype=self.dtype,
+                       kernel_init=nn.initializers.zeros, name='final_proj')(h)
+    return layers.unpatchify(out, p, self.channels).astype(jnp.float32)
+
+
+def flops_per_example(*, image_size, patch_size, width, depth, mlp_ratio=4.0, channels=1,
+                      train=True):
+  """Analytic matmul FLOPs (2 per multiply-add) of one example; x3 for a training step."""
+  n = (image_size // patch_size) ** 2
+  d, hidden = width, int(width * mlp_ratio)
+  per_block = (2 * n * 4 * d * d          # q, k, v, out projections
+               + 2 * 2 * n * n * d        # q.k^T and attention-weighted values
+               + 2 * n * 2 * d * hidden   # MLP
+               + 2 * 6 * d * d)           # adaLN modulation (once per example)
+  fwd = (depth * per_block
+         + 2 * n * patch_size ** 2 * channels * d     # patch embedding
+         + 2 * (256 * d + d * d)                       # timestep MLP
+         + 2 * 2 * d * d                               # final adaLN
+         + 2 * n * d * patch_size ** 2 * channels)     # final projection
+  return 3 * fwd if train else fwd

@@ -1,0 +1,200 @@
+"""Shared Linen building blocks: one attention, one MLP, one adaLN, the embedders.
+
+Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', ...);
+the config's axis rules map them onto the device mesh (see jaxgen/sharding.py).
+"""
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+xavier = nn.initializers.xavier_uniform()
+
+
+def logical(init: Callable, names: Sequence[Optional[str]]) -> Callable:
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(features, names, *, dtype, use_bias=True, kernel_init=xavier, name=None):
+  """nn.Dense whose kernel (and bias) carry logical axis names."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, name=name,
+      kernel_init=logical(kernel_init, names),
+      bias_init=logical(nn.initializers.zeros, names[-1:]))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with optional affine params (adaLN blocks use none)."""
+  use_scale: bool = True
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.LayerNorm(
+        epsilon=self.epsilon, use_bias=self.use_scale, use_scale=self.use_scale,
+        dtype=self.dtype,
+        scale_init=logical(nn.initializers.ones, ('norm',)),
+        bias_init=logical(nn.initializers.zeros, ('norm',)))(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention; `mask` broadcasts to [batch, heads, q, k].
+
+  Projections are explicit [embed, heads, kv] tensors (not DenseGeneral) so their
+  logical names hold for the stored shape.
+  """
+  num_heads: int
+  qk_norm: bool = False
+  dtype: Dtype = jnp.float32
+
+  def _proj(self, name, x, head_dim):
+    d = x.shape[-1]
+    w = self.param(name + '_kernel', logical(xavier_fan(d, d), ('embed', 'heads', 'kv')),
+                   (d, self.num_heads, head_dim))
+    b = self.param(name + '_bias', logical(nn.initializers.zeros, ('heads', 'kv')),
+                   (self.num_heads, head_dim))
+    return jnp.einsum('bld,dhk->blhk', x, w.astype(self.dtype)) + b.astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    d = x.shape[-1]
+    head_dim = d // self.num_heads
+    q, k, v = (self._proj(n, x, head_dim) for n in ('query', 'key', 'value'))
+    if self.qk_norm:  # stabilises large models (DiT-MoE XL/G)
+      q = LayerNorm(dtype=self.dtype, name='q_norm')(q)
+      k = LayerNorm(dtype=self.dtype, name='k_norm')(k)
+    q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'kv'))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(head_dim)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    # Softmax in f32 even under bf16 compute.
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    w = self.param('out_kernel', logical(xavier_fan(d, d), ('heads', 'kv', 'embed')),
+                   (self.num_heads, head_dim, d))
+    b = self.param('out_bias', logical(nn.initializers.zeros, ('embed',)), (d,))
+    return jnp.einsum('blhk,hkd->bld', out, w.astype(self.dtype)) + b.astype(self.dtype)
+
+
+def xavier_fan(fan_in, fan_out):
+  """Xavier-uniform for a reshaped matrix: the fans of the [fan_in, fan_out] linear map."""
+  def init(key, shape, dtype=jnp.float32):
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+  return init
+
+
+class Mlp(nn.Module):
+  """Transformer MLP: GELU(tanh) two-layer, or SwiGLU (gate * up, no bias)."""
+  hidden: int
+  kind: str = 'gelu'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    if self.kind == 'gelu':
+      h = nn.gelu(dense(self.hidden, ('embed', 'mlp'), dtype=self.dtype, name='fc1')(x),
+                  approximate=True)
+    elif self.kind == 'swiglu':
+      gate = dense(self.hidden, ('embed', 'mlp'), dtype=self.dtype, use_bias=False, name='gate')(x)
+      up = dense(self.hidden, ('embed', 'mlp'), dtype=self.dtype, use_bias=False, name='up')(x)
+      h = nn.silu(gate) * up
+    else:
+      raise ValueError(f'unknown MLP kind {self.kind!r}: use gelu or swiglu')
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    return dense(d, ('mlp', 'embed'), dtype=self.dtype, use_bias=self.kind == 'gelu',
+                 name='fc2')(h)
+
+
+class AdaLNModulation(nn.Module):
+  """adaLN-Zero: SiLU(c) -> Linear to `num` modulation vectors, zero-initialised."""
+  num: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, c, width):
+    mods = dense(self.num * width, ('embed', 'mlp'), dtype=self.dtype,
+                 kernel_init=nn.initializers.zeros, name='proj')(nn.silu(c))
+    return jnp.split(mods[:, None, :], self.num, axis=-1)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale) + shift
+
+
+def timestep_features(t, dim, max_period=10000.0):
+  """Sinusoidal features of (possibly fractional) timesteps t: [B] -> [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+  """Sinusoidal features -> MLP (SiLU) -> width."""
+  width: int
+  freq_dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):
+    init = nn.initializers.normal(0.02)
+    h = dense(self.width, (None, 'embed'), dtype=self.dtype, kernel_init=init, name='fc1')(
+        timestep_features(t, self.freq_dim))
+    return dense(self.width, ('mlp', 'embed'), dtype=self.dtype, kernel_init=init,
+                 name='fc2')(nn.silu(h))
+
+
+class LabelEmbedder(nn.Module):
+  """Class embedding with an extra 'null' row used for classifier-free guidance.
+
+  During training a `dropout` share of labels is replaced by the null class;
+  samplers pass label == num_classes for the unconditional branch.
+  """
+  num_classes: int
+  width: int
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, labels, train: bool):
+    table = self.param('embedding', logical(nn.initializers.normal(0.02), ('vocab', 'embed')),
+                       (self.num_classes + int(self.dropout > 0), self.width))
+    if train and self.dropout > 0:
+      drop = jax.random.bernoulli(self.make_rng('dropout'), self.dropout, labels.shape)
+      labels = jnp.where(drop, self.num_classes, labels)
+    return jnp.take(table, labels, axis=0)
+
+
+def sincos_2d_embedding(width: int, grid: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding, [grid*grid, width] (MAE/DiT layout)."""
+  if width % 4:
+    raise ValueError(f'sin-cos 2-D position embedding needs width % 4 == 0, got {width}')
+  coords = np.arange(grid, dtype=np.float64)
+  gy, gx = np.meshgrid(coords, coords, indexing='ij')
+  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
+
+  def one_axis(pos):
+    out = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  # First half of the channels encodes the column (x), second half the row (y).
+  return np.concatenate([one_axis(gx), one_axis(gy)], axis=1).astype(np.float32)
+
+
+def patchify(x, p):
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x, p, channels):
+  b, n, _ = x.shape
+  g = int(round(math.sqrt(n)))
+  x = x.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, g * p, g * p, channels)

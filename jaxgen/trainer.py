@@ -1,0 +1,231 @@
+"""The one training loop, plus eval / sample / info, for every family.
+
+Sections: setup (mesh, family, optimizer, shardings) -> restore or init ->
+loop (step, log, checkpoint, sample, eval, preemption) -> finish.
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from jaxgen import checkpointing, families, optim, sharding, train_state, writers
+from jaxgen.errors import UserError
+
+
+# ----------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------
+class Experiment:
+  """Everything derived from the config that the modes share."""
+
+  def __init__(self, config, workdir):
+    self.config, self.workdir = config, workdir
+    self.family = families.get_family(config)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.rules_tuple(config.axis_rules)
+    sharding.check_batch(config.batch_size, self.mesh)
+    if config.batch_size % config.get('grad_accum_steps', 1):
+      raise UserError(f'batch_size={config.batch_size} is not divisible by '
+                      f'grad_accum_steps={config.grad_accum_steps}')
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
+    self.rng = jax.random.PRNGKey(config.seed)
+    self.abstract, self.shardings = train_state.abstract_state(
+        self.family, self.tx, self.rng, self.mesh, self.rules)
+    self.is_primary = jax.process_index() == 0
+
+  def context(self):
+    return train_state.mesh_context(self.mesh, self.rules)
+
+  def checkpointer(self):
+    c = self.config
+    return checkpointing.Checkpointer(self.workdir, keep=c.keep_checkpoints,
+                                      async_save=c.async_checkpoints)
+
+  def restore_latest(self, ckpt, required=False):
+    step = ckpt.latest_step()
+    if step is None:
+      if required:
+        raise UserError(f'no checkpoint in {ckpt.directory}: train first '
+                        f'(--mode=train with the same --workdir)')
+      return None, None
+    return ckpt.restore(step, self.abstract)
+
+  def batches(self, split, train, seed):
+    return self.family.make_iterator(split, global_batch_size=self.config.batch_size,
+                                     seed=seed, train=train)
+
+  def sample_images(self, params, step):
+    """Class-conditional samples with `params` (the EMA), written as a labelled PNG grid."""
+    labels = self.family.sample_labels()
+    if not hasattr(self, '_sample_fn'):
+      self._sample_fn = jax.jit(self.family.sample, out_shardings=NamedSharding(self.mesh, P()))
+    rng = jax.random.PRNGKey(self.config.sample.seed)
+    with self.context():
+      images = np.asarray(jax.device_get(self._sample_fn(params, rng, labels)))
+    rows = self.config.data.num_classes if self.config.sample.get('per_class') else 1
+    grid = writers.image_grid(images, rows, row_labels=self.family.row_names())
+    path = os.path.join(self.workdir, 'samples', f'step_{step:07d}.png')
+    if self.is_primary:
+      writers.save_png(grid, path)
+    return path, images
+
+  def evaluate(self, params, step=0):
+    """Mean of the family's eval metrics over `eval_batches` test batches (EMA params)."""
+    if not hasattr(self, '_eval_fn'):
+      self._eval_fn = jax.jit(self.family.eval_metrics,
+                              out_shardings=NamedSharding(self.mesh, P()))
+    it = self.batches('test', train=False, seed=self.config.seed)
+    totals = {}
+    with self.context():
+      for i in range(self.config.eval_batches):
+        batch = sharding.global_batch(next(it), self.mesh)
+        m = jax.device_get(self._eval_fn(params, batch, jax.random.PRNGKey(i)))
+        for k, v in m.items():
+          totals[k] = totals.get(k, 0.0) + float(v) / self.config.eval_batches
+    return {f'eval/{k}': v for k, v in totals.items()}
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(metrics, step, ckpt):
+  bad = [k for k in ('loss', 'param_norm') if k in metrics and not math.isfinite(metrics[k])]
+  if bad:
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = f'the last good checkpoint (step {last}) is kept' if last else 'no checkpoint was saved'
+    raise UserError(f'{bad[0]} is {metrics[bad[0]]} at step {step}: training diverged; lower '
+                    f'--config.optim.lr or enable --config.optim.grad_clip; {kept}')
+
+
+# ----------------------------------------------------------------------------
+# Train
+# ----------------------------------------------------------------------------
+def train(config, workdir):
+  """Trains (resuming from workdir if it holds checkpoints); returns the last metrics."""
+  exp = Experiment(config, workdir)
+  c, family = config, exp.family
+  os.makedirs(workdir, exist_ok=True)
+  if exp.is_primary:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  ckpt = exp.checkpointer()
+  data_iter = exp.batches('train', train=True, seed=c.seed)
+  state, data_state = exp.restore_latest(ckpt)
+  if state is None:
+    state, _ = train_state.init_state(family, exp.tx, exp.rng, exp.mesh, exp.rules)
+  else:
+    data_iter.set_state(data_state)
+  start = int(jax.device_get(state.step))
+  step_fn = train_state.make_train_step(family, exp.tx, exp.schedule, c, exp.mesh,
+                                        exp.shardings, sharding.batch_sharding(exp.mesh))
+  writer = writers.create_writer(workdir, is_primary=exp.is_primary)
+  if start == 0 and exp.is_primary:
+    writer.write_hparams(json.loads(config.to_json_best_effort()))
+  preempt = _Preemption()
+  bar = tqdm(total=c.total_steps, initial=start, disable=not (c.progress_bar and exp.is_primary),
+             dynamic_ncols=True)
+  metrics, t0, last_logged = {}, time.perf_counter(), start
+  try:
+    with exp.context():
+      for step in range(start + 1, c.total_steps + 1):
+        batch = sharding.global_batch(next(data_iter), exp.mesh)
+        state, device_metrics = step_fn(state, batch)
+        bar.update(1)
+        last = step == c.total_steps
+        stop = preempt.requested
+        if step % c.log_every == 0 or last or stop:
+          metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+          _check_finite(metrics, step, ckpt)
+          dt = time.perf_counter() - t0
+          metrics['steps_per_sec'] = (step - last_logged) / dt
+          metrics['examples_per_sec'] = metrics['steps_per_sec'] * c.batch_size
+          writer.write_scalars(step, metrics)
+          bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+          t0, last_logged = time.perf_counter(), step
+        if (c.checkpoint_every and step % c.checkpoint_every == 0) or last or stop:
+          if step % c.log_every and not (last or stop):  # never save a diverged state
+            _check_finite({k: float(device_metrics[k]) for k in ('loss', 'param_norm')},
+                          step, ckpt)
+          ckpt.save(step, state, data_iter.get_state(), config)
+        if (c.sample_every and step % c.sample_every == 0) or last:
+          exp.sample_images(state.ema_params, step)
+        if c.eval_every and step % c.eval_every == 0 or (last and c.eval_every):
+          writer.write_scalars(step, exp.evaluate(state.ema_params, step))
+        if stop:
+          tqdm.write(f'SIGTERM: saved checkpoint at step {step} in {ckpt.directory}; exiting')
+          break
+        writer.flush()
+  finally:
+    bar.close()
+    preempt.restore()
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
+  return metrics
+
+
+# ----------------------------------------------------------------------------
+# Eval, sample, info
+# ----------------------------------------------------------------------------
+def evaluate(config, workdir):
+  exp = Experiment(config, workdir)
+  ckpt = exp.checkpointer()
+  state, _ = exp.restore_latest(ckpt, required=True)
+  step = int(jax.device_get(state.step))
+  metrics = exp.evaluate(state.ema_params, step)
+  if exp.is_primary:
+    writer = writers.create_writer(workdir)
+    writer.write_scalars(step, metrics)
+    writer.flush()
+    with open(os.path.join(workdir, f'eval_{step:07d}.json'), 'w') as f:
+      json.dump(dict(metrics, step=step), f, indent=2)
+  ckpt.close()
+  return metrics
+
+
+def sample(config, workdir):
+  exp = Experiment(config, workdir)
+  ckpt = exp.checkpointer()
+  state, _ = exp.restore_latest(ckpt, required=True)
+  step = int(jax.device_get(state.step))
+  path, _ = exp.sample_images(state.ema_params, step)
+  ckpt.close()
+  return path
+
+
+def info(config, workdir=None):
+  """Parameter counts, FLOPs, mesh and the largest parameters' shardings; allocates nothing."""
+  exp = Experiment(config, workdir)
+  params = exp.abstract.params
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  total = sum(math.prod(x.shape) for _, x in leaves)
+  largest = sorted(leaves, key=lambda kv: -math.prod(kv[1].shape))[:8]
+  return {
+      'family': config.family,
+      'total_params': total,
+      'activated_params': exp.family.activated_params(total),
+      'train_flops_per_example': exp.family.flops_per_example(train=True),
+      'mesh': dict(exp.mesh.shape),
+      'largest_params': [
+          {'name': jax.tree_util.keystr(path), 'shape': list(x.shape),
+           'sharding': str(x.sharding.spec)} for path, x in largest],
+  }
