@@ -52,9 +52,11 @@ def get_config(arg='demo'):
     c.optim.update(lr=1e-3)
   elif variant == 'demo':
     c.model.update(patch_size=4, width=128, depth=4, num_heads=4)
-    c.update(total_steps=1600, batch_size=64, log_every=50, checkpoint_every=400,
-             sample_every=800, eval_every=800)
+    c.update(total_steps=1000, batch_size=64, log_every=50, checkpoint_every=250,
+             sample_every=500, eval_every=500)
     c.optim.update(lr=5e-4, warmup_steps=100, ema_decay=0.999)
+    if obj == 'rectified_flow':
+      c.objective.time_scale = 1000.0  # finer time features than the reference's unscaled t
     c.sample.update(num_steps=30, cfg_scale=2.0)
   else:
     try:

@@ -1,18 +1,8 @@
 """Defaults shared by every family's config; `configs/<family>.py` overrides them."""
-import os
-
 import ml_collections
 
 from jaxgen import sharding
-
-
-def data_config():
-  return ml_collections.ConfigDict(dict(
-      name='fashion_mnist',
-      data_dir=os.environ.get('JAXGEN_DATA_DIR', '~/.cache/jaxgen/tfds'),
-      manual_dir='/usr/share/datasets/fashion-mnist',
-      image_size=32, channels=1, num_classes=10, flip=False,
-      num_threads=2, prefetch=4))
+from jaxgen.data.pipeline import default_data_config
 
 
 def base_config():
@@ -30,7 +20,7 @@ def base_config():
   c.eval_every = 0
   c.eval_batches = 10
   c.progress_bar = True
-  c.data = data_config()
+  c.data = default_data_config()
   c.optim = ml_collections.ConfigDict(dict(
       name='adamw', lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       schedule='constant', warmup_steps=0, end_lr_ratio=0.0, grad_clip=1.0,

@@ -32,8 +32,9 @@ def initialize_distributed():
     return
   pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(
       os.environ.get('JAX_PROCESS_ID', '0'))
-  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Cross-process collectives for CPU devices (harmless on GPU/TPU). Querying the
+  # backend here would initialise it, which must wait for initialize().
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
 
 

@@ -87,8 +87,8 @@ def train_step(family, tx, schedule, cfg, state, batch):
   params = optax.apply_updates(state.params, updates)
   d = ema_decay(cfg.optim, state.step)
   ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(params), lr=schedule(state.step), ema_decay=d)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params), lr=schedule(state.step), ema_decay=d)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=ema)
   return new_state, metrics

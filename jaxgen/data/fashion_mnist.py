@@ -59,8 +59,8 @@ class JaxgenFashionMnist(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Built from the local idx files.'}
   # TFDS only exposes dl_manager.manual_dir when this is set.
   MANUAL_DOWNLOAD_INSTRUCTIONS = not_found_message(DEFAULT_MANUAL_DIR)
-  # Nothing is downloaded. Setting this also skips TFDS's lookup of a checksums file next to
-  # this module, which without TensorFlow's deps fails on a missing `importlib_resources`.
+  # Nothing is downloaded. Setting this also skips TFDS's search for a checksums file next to
+  # this module, which uses `importlib_resources` (TFDS declares it only for Python < 3.9).
   url_infos = None
 
   def __init__(self, *, file_format='array_record', **kwargs):
@@ -71,12 +71,15 @@ class JaxgenFashionMnist(tfds.core.GeneratorBasedBuilder):
     download_config = download_config or tfds.download.DownloadConfig()
     if download_config.manual_dir is None:
       download_config = dataclasses.replace(download_config, manual_dir=DEFAULT_MANUAL_DIR)
+    if not self.is_prepared():
+      # Fail with our one-line hint before TFDS starts (its own error is multi-line).
+      check_manual_dir(os.fspath(download_config.manual_dir))
     super().download_and_prepare(
         download_config=download_config, file_format=file_format or 'array_record', **kwargs)
 
   def _info(self):
-    # DatasetInfo directly, not dataset_info_from_configs: that would read README.md etc. from
-    # this package's folder (and hit the same importlib_resources problem).
+    # DatasetInfo directly, not dataset_info_from_configs: that would take the description from
+    # any README.md that happens to sit in this package's folder.
     return tfds.core.DatasetInfo(
         builder=self,
         description='Zalando Fashion-MNIST: 28x28 grayscale clothing images in 10 classes.',
@@ -91,17 +94,8 @@ class JaxgenFashionMnist(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    manual_dir = os.fspath(self._manual_dir_of(dl_manager))
-    check_manual_dir(manual_dir)
+    manual_dir = os.fspath(dl_manager.manual_dir)
     return {split: self._generate_examples(manual_dir, *files) for split, files in _FILES.items()}
-
-  @staticmethod
-  def _manual_dir_of(dl_manager):
-    # dl_manager.manual_dir raises a multi-line AssertionError when the directory is missing.
-    try:
-      return dl_manager.manual_dir
-    except AssertionError:
-      raise DatasetNotFoundError(not_found_message(dl_manager._manual_dir)) from None  # pylint: disable=protected-access
 
   def _generate_examples(self, manual_dir, images_file, labels_file):
     images = read_idx(os.path.join(manual_dir, images_file))

@@ -1,4 +1,4 @@
-"""TFDS (ArrayRecord) + grain input pipeline: prepare once, then deterministic, resumable iterators."""
+"""Input pipeline: TFDS builds ArrayRecord files once; grain reads them deterministically."""
 import contextlib
 import fcntl
 import functools
@@ -74,15 +74,16 @@ def prepare_dataset(data_config) -> None:
     manual_dir = data_config.get('manual_dir')
     if data_config.name == 'fashion_mnist':
       manual_dir = manual_dir or fashion_mnist.DEFAULT_MANUAL_DIR
-      fashion_mnist.check_manual_dir(manual_dir)
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
       return
     try:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
           file_format='array_record')
     except Exception as e:
-      raise DatasetNotFoundError(_one_line(f'could not prepare TFDS dataset {data_config.name!r}', e)) from e
+      what = f'could not prepare TFDS dataset {data_config.name!r}'
+      raise DatasetNotFoundError(_one_line(what, e)) from e
 
 
 def num_examples(data_config, split: str) -> int:
@@ -129,9 +130,10 @@ def make_iterator(data_config, split: str, *, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, train: bool = True):
   """Returns a grain DatasetIterator of {'image': f32 [B, S, S, C] in [-1, 1], 'label': i32 [B]}.
 
-  B = global_batch_size // process_count. Process p reads elements p, p + n, p + 2n, ... of the
-  (shuffled, repeated) global stream, so at every step the processes' batches together form
-  exactly the single-process global batch.
+  B = global_batch_size // process_count. The (shuffled, repeated) stream is cut into batches of
+  B and process p takes batches p, p + n, p + 2n, ...: at every step, the processes' batches
+  concatenated in process order are exactly the single-process global batch, row for row, so a
+  multi-process run computes the same function as a single-process one.
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'global_batch_size={global_batch_size} must be positive and divisible by '
@@ -157,9 +159,8 @@ def make_iterator(data_config, split: str, *, global_batch_size: int, seed: int,
     # Before sharding, so each flip depends on the global element index: resumed runs and any
     # process count see the same flips.
     ds = ds.random_map(_flip, seed=seed)
-  ds = ds[process_index::process_count]
   ds = ds.map(functools.partial(_preprocess, size=size, channels=channels, pad=pad))
-  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   read = grain.ReadOptions(num_threads=data_config.get('num_threads', 2),
                            prefetch_buffer_size=data_config.get('prefetch', 4))
   return iter(ds.to_iter_dataset(read))

@@ -1,0 +1,141 @@
+r"""Overhead of the compiled sampling loop relative to one guided forward pass.
+
+  python benchmarks/sampler.py                                  # CPU-sized defaults
+  python benchmarks/sampler.py --configs tiny,demo,S/2,S/2,ddpm --batch 64 --steps 50   # GPU
+
+For every config and sampler (rectified flow: euler, heun; DDPM: ddim) the whole jitted
+`family.sample(params, rng, labels)` with classifier-free guidance is compiled once and timed,
+and so is one jitted guided forward pass `family.denoiser(params, labels, cfg_scale)(z, t)`
+(conditional and unconditional halves as one doubled batch). The overhead ratio is
+(sampler time / network evaluations) / forward time: 1.0 means the loop costs nothing beyond
+its network evaluations.
+"""
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+from jaxgen import train_state, trainer  # noqa: E402
+
+SAMPLERS = {'rectified_flow': ('euler', 'heun'), 'ddpm': ('ddim',)}
+
+COLUMNS = (
+    ('config', 'config'), ('sampler', 'sampler'), ('batch', 'batch'), ('steps', 'steps'),
+    ('evals', 'evals'), ('compile_s', 'compile s'), ('sample_ms', 'sample ms'),
+    ('ms_per_step', 'ms/step'), ('forward_ms', 'fwd ms'), ('overhead', 'overhead'),
+    ('overhead_useful_evals', 'overhead (useful)'), ('samples_per_s', 'samples/s'),
+)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--configs', default='tiny,demo,S/2,tiny,ddpm',
+                 help="configs/dit.py variants, comma-separated ('S/2,ddpm' for DDPM)")
+  p.add_argument('--batch', type=int, default=8, help='samples per call')
+  p.add_argument('--steps', type=int, default=None,
+                 help='sampler steps N (default: 50 on an accelerator, 8 on CPU)')
+  p.add_argument('--cfg-scale', type=float, default=None,
+                 help="guidance scale (default: the config's; must not be 1.0, which disables CFG)")
+  p.add_argument('--repeats', type=int, default=3, help='timed calls of each sampler')
+  p.add_argument('--forward-repeats', type=int, default=10, help='timed forward passes')
+  p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results',
+                                               'sampler.json'))
+  args = p.parse_args(argv)
+  if args.steps is None:
+    args.steps = 50 if common.on_accelerator() else 8
+  if args.cfg_scale == 1.0:
+    p.error('--cfg-scale 1.0 turns classifier-free guidance off; this benchmark measures it on')
+  return args
+
+
+def model_evals(method, num_steps):
+  """(executed, useful) network evaluations per sample call.
+
+  Heun's last step needs no correction, but the compiled loop selects it with jnp.where, so
+  both branches run: 2N evaluations execute, 2N - 1 are used.
+  """
+  if method == 'heun':
+    return 2 * num_steps, 2 * num_steps - 1
+  return num_steps, num_steps
+
+
+def make_config(variant, method, args):
+  config = common.load_config_module('dit').get_config(variant)
+  config.sample.update(method=method, num_steps=args.steps)
+  if args.cfg_scale is not None:
+    config.sample.cfg_scale = args.cfg_scale
+  return config
+
+
+def init_params(exp):
+  """EMA parameters in the trainer's sharded layout (the ones the trainer samples with)."""
+  state, _ = train_state.init_state(exp.family, exp.tx, exp.rng, exp.mesh, exp.rules)
+  return state.ema_params
+
+
+def time_forward(exp, params, labels, scale, repeats):
+  family = exp.family
+  z = jax.random.normal(jax.random.PRNGKey(1), (labels.shape[0], *family.image_shape))
+  t = jnp.full((labels.shape[0],), 0.5, jnp.float32)  # the value does not change the cost
+  forward = jax.jit(lambda p, y, z, t: family.denoiser(p, y, scale)(z, t))
+  compiled, _ = common.timed_compile(forward, params, labels, z, t)
+  return common.time_calls(lambda: compiled(params, labels, z, t), repeats, warmup=1)
+
+
+def bench_sampler(variant, method, params, args):
+  config = make_config(variant, method, args)
+  exp = trainer.Experiment(config, workdir=None)
+  labels = jnp.arange(args.batch, dtype=jnp.int32) % config.data.num_classes
+  rng = jax.random.PRNGKey(config.sample.seed)
+  # As Experiment.sample_images jits it: replicated output.
+  sample_fn = jax.jit(exp.family.sample, out_shardings=NamedSharding(exp.mesh, P()))
+  with exp.context():
+    compiled, compile_s = common.timed_compile(sample_fn, params, rng, labels)
+    stats = common.time_calls(lambda: compiled(params, rng, labels), args.repeats, warmup=1)
+    fwd = time_forward(exp, params, labels, config.sample.cfg_scale, args.forward_repeats)
+  executed, useful = model_evals(method, args.steps)
+  sample_s, fwd_s = stats['median_s'], fwd['median_s']
+  return {
+      'config': variant, 'sampler': method, 'batch': args.batch, 'steps': args.steps,
+      'cfg_scale': config.sample.cfg_scale, 'evals': executed, 'evals_useful': useful,
+      'compile_s': compile_s, 'sample_ms': 1e3 * sample_s, 'sample_ms_mean': 1e3 * stats['mean_s'],
+      'ms_per_step': 1e3 * sample_s / args.steps, 'forward_ms': 1e3 * fwd_s,
+      'forward_ms_mean': 1e3 * fwd['mean_s'],
+      'overhead': (sample_s / executed) / fwd_s,
+      'overhead_useful_evals': (sample_s / useful) / fwd_s,
+      'samples_per_s': args.batch / sample_s,
+  }
+
+
+def bench_config(variant, args):
+  config = make_config(variant, 'euler', args)
+  exp = trainer.Experiment(config, workdir=None)
+  params = init_params(exp)
+  rows = []
+  for method in SAMPLERS[config.objective.name]:
+    rows.append(bench_sampler(variant, method, params, args))
+    r = rows[-1]
+    print(f"  {variant} {method}: {r['sample_ms']:.1f} ms/sample call, "
+          f"overhead {r['overhead']:.3f}", flush=True)
+  return rows
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  ceilings = common.matmul_ceilings()
+  machine = common.machine_info(ceilings)
+  print(common.format_machine(machine), flush=True)
+  rows = []
+  for variant in common.parse_configs(args.configs):
+    rows.extend(bench_config(variant, args))
+  print(common.format_table(rows, COLUMNS))
+  common.write_json(args.out, rows, machine, args)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,66 @@
+"""Shared test setup: 8 simulated CPU devices in-process, a hermetic prepared dataset, CLI runner."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+# Must happen before jax is imported anywhere in the test process.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(path, arg):
+  """configs/<family>.py:get_config(arg), loaded by path as config_flags does."""
+  spec = importlib.util.spec_from_file_location('cfg_' + os.path.basename(path)[:-3],
+                                                os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """Fashion-MNIST prepared once per session into a temp dir (and exported for subprocesses)."""
+  from jaxgen.data import default_data_config, prepare_dataset
+  path = str(tmp_path_factory.mktemp('tfds'))
+  cfg = default_data_config()
+  cfg.data_dir = path
+  prepare_dataset(cfg)
+  os.environ['JAXGEN_DATA_DIR'] = path
+  return path
+
+
+@pytest.fixture
+def tiny_config(data_dir):
+  """The tiny DiT config reading the session's prepared data."""
+  def make(arg='tiny'):
+    cfg = load_config('configs/dit.py', arg)
+    cfg.data.data_dir = data_dir
+    return cfg
+  return make
+
+
+def cli_env(devices=1, **extra):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if devices > 1:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def run_cli(*args, devices=1, timeout=240, env=None):
+  """Runs `python -m jaxgen.main ARGS` in the repo; returns CompletedProcess (text)."""
+  return subprocess.run([sys.executable, '-m', 'jaxgen.main', *args], cwd=REPO,
+                        env=env or cli_env(devices), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def start_cli(*args, devices=1, env=None):
+  return subprocess.Popen([sys.executable, '-m', 'jaxgen.main', *args], cwd=REPO,
+                          env=env or cli_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
