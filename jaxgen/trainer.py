@@ -74,7 +74,7 @@ class Experiment:
     path = os.path.join(self.workdir, 'samples', f'step_{step:07d}.png')
     if self.is_primary:
       writers.save_png(grid, path)
-    return path, images
+    return path, grid
 
   def evaluate(self, params, step=0):
     """Mean of the family's eval metrics over `eval_batches` test batches (EMA params)."""
@@ -167,7 +167,8 @@ def train(config, workdir):
                           step, ckpt)
           ckpt.save(step, state, data_iter.get_state(), config)
         if (c.sample_every and step % c.sample_every == 0) or last:
-          exp.sample_images(state.ema_params, step)
+          _, grid = exp.sample_images(state.ema_params, step)
+          writer.write_images(step, {'samples': grid})
         if c.eval_every and step % c.eval_every == 0 or (last and c.eval_every):
           writer.write_scalars(step, exp.evaluate(state.ema_params, step))
         if stop:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
+from PIL import Image
 
 from jaxgen import families, optim, sharding, train_state, trainer
 from jaxgen.families.base import FamilyBase
@@ -148,3 +148,29 @@ def test_train_loop_writes_outputs_and_traces_once(tiny_config, tmp_path):
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
   assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
   assert sorted(os.listdir(tmp_path / 'samples')) == ['step_0000002.png', 'step_0000004.png']
+
+
+def test_bf16_compute_keeps_f32_params_and_tracks_f32_loss(tiny_config):
+  cfg = tiny_config()
+  fam32 = families.get_family(cfg)
+  cfg16 = tiny_config()
+  cfg16.model.dtype = 'bfloat16'
+  fam16 = families.get_family(cfg16)
+  mesh = _mesh(jax.devices()[:1])
+  batches = _random_batches(2, 8, seed=1)
+  s32, l32 = _run_steps(cfg, fam32, mesh, batches)
+  s16, l16 = _run_steps(cfg16, fam16, mesh, batches)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
+  np.testing.assert_allclose(l16, l32, rtol=2e-2)
+  assert not np.array_equal(l16, l32)  # bf16 really was used
+
+
+def test_ddpm_variant_trains_and_samples(tiny_config, tmp_path):
+  cfg = tiny_config('tiny,ddpm')
+  assert cfg.objective.name == 'ddpm' and cfg.sample.method == 'ddim'
+  cfg.sample.method = 'ddpm'
+  metrics = trainer.train(cfg, str(tmp_path))
+  assert np.isfinite(metrics['loss'])
+  img = np.asarray(Image.open(
+      tmp_path / 'samples' / 'step_0000004.png'))
+  assert img.ndim == 3 and img.shape[2] == 3

@@ -5,7 +5,10 @@ sharding, optimizer, EMA, checkpoints, data order, logging.
 """
 import abc
 
+import jax
 import jax.numpy as jnp
+
+from jaxgen import data
 
 
 class FamilyBase(abc.ABC):
@@ -49,8 +52,6 @@ class FamilyBase(abc.ABC):
 
   def make_iterator(self, split, *, global_batch_size, seed, train):
     """Per-process iterator of local batches (dicts of NumPy arrays) with get/set_state."""
-    import jax
-    from jaxgen import data
     return data.make_iterator(self.config.data, split, global_batch_size=global_batch_size,
                               seed=seed, process_index=jax.process_index(),
                               process_count=jax.process_count(), train=train)
