@@ -59,12 +59,13 @@ def on_accelerator():
 # ----------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------
-def time_calls(call, steps, warmup=1):
-  """Calls `call()` warmup + steps times, blocking on each result; per-call seconds stats."""
+def time_calls(call, steps, warmup=1, min_time_s=0.0, max_calls=1000):
+  """Calls `call()` warmup times, then at least `steps` times and until `min_time_s` have
+  passed (at most `max_calls`), blocking on each result; per-call seconds stats."""
   for _ in range(warmup):
     jax.block_until_ready(call())
   times = []
-  for _ in range(steps):
+  while len(times) < steps or (sum(times) < min_time_s and len(times) < max_calls):
     t0 = time.perf_counter()
     jax.block_until_ready(call())
     times.append(time.perf_counter() - t0)
@@ -79,7 +80,7 @@ def timed_compile(jitted, *args):
   return compiled, time.perf_counter() - t0
 
 
-def matmul_flops_per_s(n, dtype, repeats=5):
+def matmul_flops_per_s(n, dtype, repeats=10):
   """Best-of-`repeats` FLOP/s of a jitted n x n @ n x n matmul (2 n^3 FLOPs)."""
   ka, kb = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from jaxgen import train_state, trainer  # noqa: E402
 
+MIN_TIME_S = 1.0  # fast calls repeat until this much time is measured, for stable medians
 SAMPLERS = {'rectified_flow': ('euler', 'heun'), 'ddpm': ('ddim',)}
 
 COLUMNS = (
@@ -38,16 +39,21 @@ def parse_args(argv=None):
                  help="configs/dit.py variants, comma-separated ('S/2,ddpm' for DDPM)")
   p.add_argument('--batch', type=int, default=8, help='samples per call')
   p.add_argument('--steps', type=int, default=None,
-                 help='sampler steps N (default: 50 on an accelerator, 8 on CPU)')
+                 help='sampler steps N (default: 50 on an accelerator, 4 on CPU)')
   p.add_argument('--cfg-scale', type=float, default=None,
                  help="guidance scale (default: the config's; must not be 1.0, which disables CFG)")
-  p.add_argument('--repeats', type=int, default=3, help='timed calls of each sampler')
-  p.add_argument('--forward-repeats', type=int, default=10, help='timed forward passes')
+  p.add_argument('--repeats', type=int, default=None,
+                 help='timed calls of each sampler after one warm-up call (at least; fast '
+                      'ones repeat for 1 s) (default: 5 on an accelerator, 2 on CPU)')
+  p.add_argument('--forward-repeats', type=int, default=5,
+                 help='timed forward passes (at least; fast ones repeat for 1 s)')
   p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results',
                                                'sampler.json'))
   args = p.parse_args(argv)
   if args.steps is None:
-    args.steps = 50 if common.on_accelerator() else 8
+    args.steps = 50 if common.on_accelerator() else 4
+  if args.repeats is None:
+    args.repeats = 5 if common.on_accelerator() else 2
   if args.cfg_scale == 1.0:
     p.error('--cfg-scale 1.0 turns classifier-free guidance off; this benchmark measures it on')
   return args
@@ -65,11 +71,16 @@ def model_evals(method, num_steps):
 
 
 def make_config(variant, method, args):
+  """The variant's config with the benchmark's sampler settings (method None: the config's)."""
   config = common.load_config_module('dit').get_config(variant)
-  config.sample.update(method=method, num_steps=args.steps)
+  config.sample.update(method=method or config.sample.method, num_steps=args.steps)
   if args.cfg_scale is not None:
     config.sample.cfg_scale = args.cfg_scale
   return config
+
+
+def sample_labels(config, batch):
+  return jnp.arange(batch, dtype=jnp.int32) % config.data.num_classes
 
 
 def init_params(exp):
@@ -84,28 +95,28 @@ def time_forward(exp, params, labels, scale, repeats):
   t = jnp.full((labels.shape[0],), 0.5, jnp.float32)  # the value does not change the cost
   forward = jax.jit(lambda p, y, z, t: family.denoiser(p, y, scale)(z, t))
   compiled, _ = common.timed_compile(forward, params, labels, z, t)
-  return common.time_calls(lambda: compiled(params, labels, z, t), repeats, warmup=1)
+  return common.time_calls(lambda: compiled(params, labels, z, t), repeats, warmup=1,
+                           min_time_s=MIN_TIME_S)
 
 
-def bench_sampler(variant, method, params, args):
+def bench_sampler(variant, method, params, fwd_s, args):
   config = make_config(variant, method, args)
   exp = trainer.Experiment(config, workdir=None)
-  labels = jnp.arange(args.batch, dtype=jnp.int32) % config.data.num_classes
+  labels = sample_labels(config, args.batch)
   rng = jax.random.PRNGKey(config.sample.seed)
   # As Experiment.sample_images jits it: replicated output.
   sample_fn = jax.jit(exp.family.sample, out_shardings=NamedSharding(exp.mesh, P()))
   with exp.context():
     compiled, compile_s = common.timed_compile(sample_fn, params, rng, labels)
-    stats = common.time_calls(lambda: compiled(params, rng, labels), args.repeats, warmup=1)
-    fwd = time_forward(exp, params, labels, config.sample.cfg_scale, args.forward_repeats)
+    stats = common.time_calls(lambda: compiled(params, rng, labels), args.repeats, warmup=1,
+                              min_time_s=MIN_TIME_S)
   executed, useful = model_evals(method, args.steps)
-  sample_s, fwd_s = stats['median_s'], fwd['median_s']
+  sample_s = stats['median_s']
   return {
       'config': variant, 'sampler': method, 'batch': args.batch, 'steps': args.steps,
       'cfg_scale': config.sample.cfg_scale, 'evals': executed, 'evals_useful': useful,
       'compile_s': compile_s, 'sample_ms': 1e3 * sample_s, 'sample_ms_mean': 1e3 * stats['mean_s'],
       'ms_per_step': 1e3 * sample_s / args.steps, 'forward_ms': 1e3 * fwd_s,
-      'forward_ms_mean': 1e3 * fwd['mean_s'],
       'overhead': (sample_s / executed) / fwd_s,
       'overhead_useful_evals': (sample_s / useful) / fwd_s,
       'samples_per_s': args.batch / sample_s,
@@ -113,15 +124,19 @@ def bench_sampler(variant, method, params, args):
 
 
 def bench_config(variant, args):
-  config = make_config(variant, 'euler', args)
+  """Rows for every sampler of `variant`; parameters and the forward timing are shared."""
+  config = make_config(variant, None, args)
   exp = trainer.Experiment(config, workdir=None)
   params = init_params(exp)
+  with exp.context():
+    fwd = time_forward(exp, params, sample_labels(config, args.batch), config.sample.cfg_scale,
+                       args.forward_repeats)
   rows = []
   for method in SAMPLERS[config.objective.name]:
-    rows.append(bench_sampler(variant, method, params, args))
+    rows.append(bench_sampler(variant, method, params, fwd['median_s'], args))
     r = rows[-1]
     print(f"  {variant} {method}: {r['sample_ms']:.1f} ms/sample call, "
-          f"overhead {r['overhead']:.3f}", flush=True)
+          f"forward {r['forward_ms']:.1f} ms, overhead {r['overhead']:.3f}", flush=True)
   return rows
 
 

@@ -5,6 +5,7 @@ so a process killed mid-save leaves the previous checkpoints restorable.
 """
 import json
 import os
+import sys
 
 import orbax.checkpoint as ocp
 
@@ -35,15 +36,33 @@ class Checkpointer:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      _ignore_orphaned_read_callbacks()
       msg = str(e).splitlines()[0][:200] if str(e) else ''
       raise UserError(
-          f'checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: {msg}); '
-          f'move that directory aside to resume from an earlier step, or use a new --workdir '
-          f'(nothing was deleted)') from e
+          f'checkpoint {self.directory}/{step} is unreadable or does not match this config '
+          f'({type(e).__name__}: {msg}); move that directory aside to resume from an earlier '
+          f'step, or use a new --workdir (nothing was deleted)') from e
     return out.state, out.data
 
   def wait(self):
     self.manager.wait_until_finished()
 
-  def close(self):
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    # Finish pending async saves and stop orbax's threads before any exit.
+    self.wait()
     self.manager.close()
+
+
+def _ignore_orphaned_read_callbacks():
+  """A failed restore closes orbax's event loop while tensorstore reads still finish;
+  their callbacks then raise 'Event loop is closed'. Drop just those tracebacks."""
+  previous = sys.excepthook
+
+  def hook(kind, value, tb):
+    if not (kind is RuntimeError and 'Event loop is closed' in str(value)):
+      previous(kind, value, tb)
+
+  sys.excepthook = hook

@@ -85,7 +85,11 @@ def main(argv):
     run(config, _WORKDIR.value, _MODE.value)
   except (UserError, DatasetNotFoundError) as e:
     print(f'jaxgen: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Checkpoint saves were already awaited; skip interpreter teardown, where a failed
+    # orbax/tensorstore read leaves futures that print tracebacks into a closed loop.
+    os._exit(2)
 
 
 def _parse_flags(argv):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -122,12 +123,16 @@ def _check_finite(metrics, step, ckpt):
 def train(config, workdir):
   """Trains (resuming from workdir if it holds checkpoints); returns the last metrics."""
   exp = Experiment(config, workdir)
-  c, family = config, exp.family
   os.makedirs(workdir, exist_ok=True)
   if exp.is_primary:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  ckpt = exp.checkpointer()
+  with exp.checkpointer() as ckpt:
+    return _train_loop(exp, ckpt)
+
+
+def _train_loop(exp, ckpt):
+  c, family, workdir = exp.config, exp.family, exp.workdir
   data_iter = exp.batches('train', train=True, seed=c.seed)
   state, data_state = exp.restore_latest(ckpt)
   if state is None:
@@ -139,7 +144,7 @@ def train(config, workdir):
                                         exp.shardings, sharding.batch_sharding(exp.mesh))
   writer = writers.create_writer(workdir, is_primary=exp.is_primary)
   if start == 0 and exp.is_primary:
-    writer.write_hparams(json.loads(config.to_json_best_effort()))
+    writer.write_hparams(json.loads(c.to_json_best_effort()))
   preempt = _Preemption()
   bar = tqdm(total=c.total_steps, initial=start, disable=not (c.progress_bar and exp.is_primary),
              dynamic_ncols=True)
@@ -165,21 +170,20 @@ def train(config, workdir):
           if step % c.log_every and not (last or stop):  # never save a diverged state
             _check_finite({k: float(device_metrics[k]) for k in ('loss', 'param_norm')},
                           step, ckpt)
-          ckpt.save(step, state, data_iter.get_state(), config)
+          ckpt.save(step, state, data_iter.get_state(), c)
         if (c.sample_every and step % c.sample_every == 0) or last:
           _, grid = exp.sample_images(state.ema_params, step)
           writer.write_images(step, {'samples': grid})
         if c.eval_every and step % c.eval_every == 0 or (last and c.eval_every):
           writer.write_scalars(step, exp.evaluate(state.ema_params, step))
         if stop:
-          tqdm.write(f'SIGTERM: saved checkpoint at step {step} in {ckpt.directory}; exiting')
+          tqdm.write(f'SIGTERM: saved checkpoint at step {step} in {ckpt.directory}; exiting',
+                     file=sys.stderr)
           break
         writer.flush()
   finally:
     bar.close()
     preempt.restore()
-    ckpt.wait()
-    ckpt.close()
     writer.flush()
   return metrics
 
@@ -189,8 +193,8 @@ def train(config, workdir):
 # ----------------------------------------------------------------------------
 def evaluate(config, workdir):
   exp = Experiment(config, workdir)
-  ckpt = exp.checkpointer()
-  state, _ = exp.restore_latest(ckpt, required=True)
+  with exp.checkpointer() as ckpt:
+    state, _ = exp.restore_latest(ckpt, required=True)
   step = int(jax.device_get(state.step))
   metrics = exp.evaluate(state.ema_params, step)
   if exp.is_primary:
@@ -199,17 +203,15 @@ def evaluate(config, workdir):
     writer.flush()
     with open(os.path.join(workdir, f'eval_{step:07d}.json'), 'w') as f:
       json.dump(dict(metrics, step=step), f, indent=2)
-  ckpt.close()
   return metrics
 
 
 def sample(config, workdir):
   exp = Experiment(config, workdir)
-  ckpt = exp.checkpointer()
-  state, _ = exp.restore_latest(ckpt, required=True)
+  with exp.checkpointer() as ckpt:
+    state, _ = exp.restore_latest(ckpt, required=True)
   step = int(jax.device_get(state.step))
   path, _ = exp.sample_images(state.ema_params, step)
-  ckpt.close()
   return path
 
 
