@@ -44,16 +44,19 @@ def parse_args(argv=None):
                  help="guidance scale (default: the config's; must not be 1.0, which disables CFG)")
   p.add_argument('--repeats', type=int, default=None,
                  help='timed calls of each sampler after one warm-up call (at least; fast '
-                      'ones repeat for 1 s) (default: 5 on an accelerator, 2 on CPU)')
-  p.add_argument('--forward-repeats', type=int, default=5,
-                 help='timed forward passes (at least; fast ones repeat for 1 s)')
+                      'ones repeat for 1 s) (default: 5 on an accelerator, 1 on CPU)')
+  p.add_argument('--forward-repeats', type=int, default=None,
+                 help='timed forward passes (at least; fast ones repeat for 1 s) '
+                      '(default: 10 on an accelerator, 3 on CPU)')
   p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results',
                                                'sampler.json'))
   args = p.parse_args(argv)
   if args.steps is None:
     args.steps = 50 if common.on_accelerator() else 4
   if args.repeats is None:
-    args.repeats = 5 if common.on_accelerator() else 2
+    args.repeats = 5 if common.on_accelerator() else 1
+  if args.forward_repeats is None:
+    args.forward_repeats = 10 if common.on_accelerator() else 3
   if args.cfg_scale == 1.0:
     p.error('--cfg-scale 1.0 turns classifier-free guidance off; this benchmark measures it on')
   return args

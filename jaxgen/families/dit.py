@@ -4,19 +4,30 @@ import jax.numpy as jnp
 
 from jaxgen import objectives, sampling
 from jaxgen.families.base import FamilyBase
-from jaxgen.models import dit
+from jaxgen.models import dit, moe as moe_lib
+
+
+def moe_fields(model_cfg):
+  """The MoE layer's fields from config.model.moe, or None for a dense DiT."""
+  moe = model_cfg.get('moe')
+  if not moe or not moe.num_experts:
+    return None
+  return {k: v for k, v in moe.to_dict().items() if k != 'every'}
 
 
 class Family(FamilyBase):
+  """DiT, and DiT-MoE when config.model.moe.num_experts > 0."""
 
   def __init__(self, config):
     super().__init__(config)
     m, d = config.model, config.data
+    self.moe = moe_fields(m)
+    self.moe_every = m.moe.every if self.moe else 1
     self.model = dit.DiT(
         image_size=d.image_size, channels=d.channels, patch_size=m.patch_size, width=m.width,
         depth=m.depth, num_heads=m.num_heads, num_classes=d.num_classes,
         mlp_ratio=m.mlp_ratio, class_dropout=m.class_dropout, qk_norm=m.qk_norm,
-        dtype=jnp.dtype(m.dtype))
+        moe=self.moe, moe_every=self.moe_every, dtype=jnp.dtype(m.dtype))
     self.objective = objectives.make_objective(config.objective)
     self.image_shape = (d.image_size, d.image_size, d.channels)
 
@@ -28,9 +39,19 @@ class Family(FamilyBase):
 
   def loss(self, params, batch, rng, train):
     drop_rng, obj_rng = jax.random.split(rng)
-    denoise = lambda z, t: self.model.apply(
-        {'params': params}, z, t, batch['label'], train=train, rngs={'dropout': drop_rng})
-    return self.objective.loss(denoise, batch['image'], obj_rng)
+    sown = {}
+
+    def denoise(z, t):
+      out, state = self.model.apply({'params': params}, z, t, batch['label'], train=train,
+                                    rngs={'dropout': drop_rng}, mutable=['intermediates'])
+      sown.update(state.get('intermediates', {}))
+      return out
+
+    loss, metrics = self.objective.loss(denoise, batch['image'], obj_rng)
+    if self.moe:  # the expert-level balance loss joins the objective
+      metrics = dict(metrics, diffusion_loss=loss, **moe_lib.routing_metrics(sown))
+      loss = loss + moe_lib.aux_loss(sown)
+    return loss, metrics
 
   def denoiser(self, params, labels, cfg_scale):
     apply = lambda z, t, y: self.model.apply({'params': params}, z, t, y)
@@ -49,7 +70,13 @@ class Family(FamilyBase):
     m, d = self.config.model, self.config.data
     return dit.flops_per_example(image_size=d.image_size, patch_size=m.patch_size,
                                  width=m.width, depth=m.depth, mlp_ratio=m.mlp_ratio,
-                                 channels=d.channels, train=train)
+                                 channels=d.channels, moe=self.moe, moe_every=self.moe_every,
+                                 train=train)
+
+  def activated_params(self, total):
+    m = self.config.model
+    return total - dit.inactive_params(width=m.width, depth=m.depth, mlp_ratio=m.mlp_ratio,
+                                       moe=self.moe, moe_every=self.moe_every)
 
   def row_names(self):
     from jaxgen.data.fashion_mnist import CLASS_NAMES

@@ -8,17 +8,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxgen.models import layers
-
-# The paper's sizes: name -> (depth, width, heads).
-SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16),
-         'G': (40, 1408, 16)}
+from jaxgen.models import layers, moe as moe_lib
 
 
 class DiTBlock(nn.Module):
+  """adaLN-Zero block; its MLP is a sparse MoE layer when `moe` holds MoE fields."""
   num_heads: int
   mlp_ratio: float = 4.0
   qk_norm: bool = False
+  moe: Any = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -30,7 +28,12 @@ class DiTBlock(nn.Module):
     h = layers.modulate(norm('norm1')(x), shift_a, scale_a)
     x = x + gate_a * layers.Attention(self.num_heads, self.qk_norm, self.dtype, name='attn')(h)
     h = layers.modulate(norm('norm2')(x), shift_m, scale_m)
-    x = x + gate_m * layers.Mlp(int(width * self.mlp_ratio), 'gelu', self.dtype, name='mlp')(h)
+    hidden = int(width * self.mlp_ratio)
+    if self.moe:
+      mlp = moe_lib.MoE(expert_hidden=hidden, dtype=self.dtype, name='moe', **self.moe)
+    else:
+      mlp = layers.Mlp(hidden, 'gelu', self.dtype, name='mlp')
+    x = x + gate_m * mlp(h)
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
 
@@ -46,6 +49,8 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   class_dropout: float = 0.1
   qk_norm: bool = False
+  moe: Any = None       # dict of MoE fields (num_experts, top_k, ...) -> DiT-MoE
+  moe_every: int = 1    # MoE in blocks 0, e, 2e, ... (the paper: every block)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -61,7 +66,9 @@ class DiT(nn.Module):
     c = c + layers.LabelEmbedder(self.num_classes, self.width, self.class_dropout,
                                  name='y_embed')(labels, train).astype(self.dtype)
     for i in range(self.depth):
-      h = DiTBlock(self.num_heads, self.mlp_ratio, self.qk_norm, self.dtype, name=f'block{i}')(h, c)
+      block_moe = self.moe if self.moe and i % self.moe_every == 0 else None
+      h = DiTBlock(self.num_heads, self.mlp_ratio, self.qk_norm, block_moe, self.dtype,
+                   name=f'block{i}')(h, c)
     shift, scale = layers.AdaLNModulation(2, dtype=self.dtype, name='final_adaLN')(c, self.width)
     h = layers.modulate(layers.LayerNorm(use_scale=False, dtype=self.dtype)(h), shift, scale)
     out = layers.dense(p * p * self.channels, ('embed', None), dtype=self.dtype,
@@ -70,17 +77,38 @@ class DiT(nn.Module):
 
 
 def flops_per_example(*, image_size, patch_size, width, depth, mlp_ratio=4.0, channels=1,
-                      train=True):
-  """Analytic matmul FLOPs (2 per multiply-add) of one example; x3 for a training step."""
+                      moe=None, moe_every=1, train=True):
+  """Analytic matmul FLOPs (2 per multiply-add) of one example; x3 for a training step.
+
+  MoE blocks count what a token activates: the router, top_k experts and the shared MLP.
+  """
   n = (image_size // patch_size) ** 2
   d, hidden = width, int(width * mlp_ratio)
-  per_block = (2 * n * 4 * d * d          # q, k, v, out projections
-               + 2 * 2 * n * n * d        # q.k^T and attention-weighted values
-               + 2 * n * 2 * d * hidden   # MLP
-               + 2 * 6 * d * d)           # adaLN modulation (once per example)
-  fwd = (depth * per_block
+  attn_and_mod = (2 * n * 4 * d * d          # q, k, v, out projections
+                  + 2 * 2 * n * n * d        # q.k^T and attention-weighted values
+                  + 2 * 6 * d * d)           # adaLN modulation (once per example)
+  dense_mlp = 2 * n * 2 * d * hidden
+  num_moe = len(range(0, depth, moe_every)) if moe else 0
+  moe_mlp = 0
+  if moe:
+    _, activated = moe_lib.moe_param_counts(
+        d, moe['num_experts'], moe.get('top_k', 2), hidden, moe.get('num_shared', 2),
+        moe.get('expert_kind', 'swiglu'))
+    moe_mlp = 2 * n * activated  # every activated weight is used once per token
+  fwd = (depth * attn_and_mod + (depth - num_moe) * dense_mlp + num_moe * moe_mlp
          + 2 * n * patch_size ** 2 * channels * d     # patch embedding
          + 2 * (256 * d + d * d)                       # timestep MLP
          + 2 * 2 * d * d                               # final adaLN
          + 2 * n * d * patch_size ** 2 * channels)     # final projection
   return 3 * fwd if train else fwd
+
+
+def inactive_params(*, width, depth, mlp_ratio=4.0, moe=None, moe_every=1):
+  """Parameters a token does not touch: the experts beyond top_k in every MoE block."""
+  if not moe:
+    return 0
+  hidden = int(width * mlp_ratio)
+  total, activated = moe_lib.moe_param_counts(
+      width, moe['num_experts'], moe.get('top_k', 2), hidden, moe.get('num_shared', 2),
+      moe.get('expert_kind', 'swiglu'))
+  return len(range(0, depth, moe_every)) * (total - activated)

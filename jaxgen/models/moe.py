@@ -415,7 +415,8 @@ def aux_loss(intermediates):
 
 def routing_metrics(intermediates):
   """Layer-averaged scalar metrics: moe_aux_loss (sum), moe_router_entropy,
-  moe_dropped_fraction, moe_max_load (max expert share x E; 1 = perfectly balanced)."""
+  moe_dropped_fraction, moe_max_load (max expert share x E; 1 = perfectly balanced) and
+  moe_load/expertNN (each expert's share of the assignments)."""
   out = {}
   if not _collect(intermediates, 'moe_aux_loss'):
     return out
@@ -425,6 +426,9 @@ def routing_metrics(intermediates):
     out[name] = sum(vals) / len(vals)
   loads = _collect(intermediates, 'moe_expert_load')
   out['moe_max_load'] = sum(jnp.max(v) * v.shape[-1] for v in loads) / len(loads)
+  if len({v.shape for v in loads}) == 1:  # per-expert share, averaged over layers
+    mean_load = sum(loads) / len(loads)
+    out.update({f'moe_load/expert{i:02d}': mean_load[i] for i in range(mean_load.shape[0])})
   return out
 
 
