@@ -58,6 +58,12 @@ class Experiment:
       return None, None
     return ckpt.restore(step, self.abstract)
 
+  def restore_ema(self):
+    """(EMA parameters, step) of the newest checkpoint, for eval / sample / analysis."""
+    with self.checkpointer() as ckpt:
+      state, _ = self.restore_latest(ckpt, required=True)
+    return state.ema_params, int(jax.device_get(state.step))
+
   def batches(self, split, train, seed):
     return self.family.make_iterator(split, global_batch_size=self.config.batch_size,
                                      seed=seed, train=train)
@@ -77,7 +83,7 @@ class Experiment:
       writers.save_png(grid, path)
     return path, grid
 
-  def evaluate(self, params, step=0):
+  def evaluate(self, params):
     """Mean of the family's eval metrics over `eval_batches` test batches (EMA params)."""
     if not hasattr(self, '_eval_fn'):
       self._eval_fn = jax.jit(self.family.eval_metrics,
@@ -175,7 +181,7 @@ def _train_loop(exp, ckpt):
           _, grid = exp.sample_images(state.ema_params, step)
           writer.write_images(step, {'samples': grid})
         if c.eval_every and step % c.eval_every == 0 or (last and c.eval_every):
-          writer.write_scalars(step, exp.evaluate(state.ema_params, step))
+          writer.write_scalars(step, exp.evaluate(state.ema_params))
         if stop:
           tqdm.write(f'SIGTERM: saved checkpoint at step {step} in {ckpt.directory}; exiting',
                      file=sys.stderr)
@@ -193,10 +199,8 @@ def _train_loop(exp, ckpt):
 # ----------------------------------------------------------------------------
 def evaluate(config, workdir):
   exp = Experiment(config, workdir)
-  with exp.checkpointer() as ckpt:
-    state, _ = exp.restore_latest(ckpt, required=True)
-  step = int(jax.device_get(state.step))
-  metrics = exp.evaluate(state.ema_params, step)
+  params, step = exp.restore_ema()
+  metrics = exp.evaluate(params)
   if exp.is_primary:
     writer = writers.create_writer(workdir)
     writer.write_scalars(step, metrics)
@@ -208,10 +212,8 @@ def evaluate(config, workdir):
 
 def sample(config, workdir):
   exp = Experiment(config, workdir)
-  with exp.checkpointer() as ckpt:
-    state, _ = exp.restore_latest(ckpt, required=True)
-  step = int(jax.device_get(state.step))
-  path, _ = exp.sample_images(state.ema_params, step)
+  params, step = exp.restore_ema()
+  path, _ = exp.sample_images(params, step)
   return path
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from jaxgen import families, trainer
+from jaxgen import families, train_state, trainer
 
 # Paper Table 1: (total, activated) parameters.
 PAPER_COUNTS = {
@@ -44,7 +44,7 @@ def test_dense_dit_has_no_moe(tiny_config):
 
 @pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
 def test_expert_parallel_train_step_equals_single_device(dispatch, data_dir):
-  from test_train import _mesh, _random_batches, _run_steps
+  from test_train import _mesh, _random_batches, _run_steps, build_step
   cfg = load_config('configs/dit_moe.py', 'tiny')
   cfg.data.data_dir = data_dir
   cfg.model.moe.dispatch = dispatch
@@ -60,12 +60,7 @@ def test_expert_parallel_train_step_equals_single_device(dispatch, data_dir):
   w = state.params['block0']['moe']['wi_gate']  # [E=4, D, H]
   assert {s.data.shape[0] for s in w.addressable_shards} == {1}  # E/4 experts per device
   # The compiled step exchanges tokens with all-to-all.
-  from jaxgen import optim, sharding, train_state
-  rules = sharding.rules_tuple(cfg.axis_rules)
-  tx, schedule = optim.make_optimizer(cfg.optim, cfg.total_steps)
-  abstract, shardings = train_state.abstract_state(fam, tx, jax.random.PRNGKey(0), mesh, rules)
-  step = train_state.make_train_step(fam, tx, schedule, cfg, mesh, shardings,
-                                     sharding.batch_sharding(mesh))
+  step, abstract, rules = build_step(cfg, fam, mesh)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batches[0])
   with train_state.mesh_context(mesh, rules):
     hlo = step.lower(abstract, batch).compile().as_text()
