@@ -68,8 +68,9 @@ class Experiment:
     return self.family.make_iterator(split, global_batch_size=self.config.batch_size,
                                      seed=seed, train=train)
 
-  def sample_images(self, params, step):
-    """Class-conditional samples with `params` (the EMA), written as a labelled PNG grid."""
+  def sample_images(self, params, step, name=None):
+    """Class-conditional samples with `params` (the EMA), written as a labelled PNG grid
+    to samples/<name>.png (default step_<step>)."""
     labels = self.family.sample_labels()
     if not hasattr(self, '_sample_fn'):
       self._sample_fn = jax.jit(self.family.sample, out_shardings=NamedSharding(self.mesh, P()))
@@ -78,7 +79,7 @@ class Experiment:
       images = np.asarray(jax.device_get(self._sample_fn(params, rng, labels)))
     rows = self.config.data.num_classes if self.config.sample.get('per_class') else 1
     grid = writers.image_grid(images, rows, row_labels=self.family.row_names())
-    path = os.path.join(self.workdir, 'samples', f'step_{step:07d}.png')
+    path = os.path.join(self.workdir, 'samples', (name or f'step_{step:07d}') + '.png')
     if self.is_primary:
       writers.save_png(grid, path)
     return path, grid
@@ -213,7 +214,10 @@ def evaluate(config, workdir):
 def sample(config, workdir):
   exp = Experiment(config, workdir)
   params, step = exp.restore_ema()
-  path, _ = exp.sample_images(params, step)
+  s = config.sample
+  # Named by the sampler settings, so sampling never overwrites training's grids.
+  name = f'sample_step{step}_{s.method}{s.num_steps}_cfg{s.cfg_scale:g}'
+  path, _ = exp.sample_images(params, step, name)
   return path
 
 

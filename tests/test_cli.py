@@ -90,3 +90,21 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
   line = _one_error_line(proc)
   assert 'diverged' in line and 'step 2' in line
   assert _tree_digest(os.path.join(work, 'checkpoints')) == before
+
+
+def test_eval_and_sample_modes_use_the_checkpoint(data_dir, tmp_path):
+  work = str(tmp_path / 'w')
+  assert run_cli(TINY, f'--workdir={work}', '--config.total_steps=2').returncode == 0
+  proc = run_cli(TINY, f'--workdir={work}', '--mode=eval')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert metrics['eval/loss'] > 0
+  assert json.load(open(os.path.join(work, 'eval_0000002.json')))['step'] == 2
+  proc = run_cli(TINY, f'--workdir={work}', '--mode=sample', '--config.sample.cfg_scale=3.0',
+                 '--config.sample.method=heun')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().endswith('samples/sample_step2_heun4_cfg3.png')
+  assert os.path.exists(os.path.join(work, 'samples', 'step_0000002.png'))  # not overwritten
+  # Without a checkpoint, eval is a one-line error.
+  assert 'no checkpoint' in _one_error_line(run_cli(TINY, f'--workdir={tmp_path}/empty',
+                                                    '--mode=eval'))

@@ -51,9 +51,11 @@ class DDPM:
       if self.clip_x0:
         x0 = jnp.clip(x0, -1, 1)
         eps = (x - jnp.sqrt(ab[i]) * x0) / jnp.sqrt(1 - ab[i])
+      x_prev = jnp.sqrt(ab_prev[i]) * x0
+      if eta == 0:  # deterministic DDIM: no noise to draw
+        return x_prev + jnp.sqrt(1 - ab_prev[i]) * eps
       sigma = eta * jnp.sqrt((1 - ab_prev[i]) / (1 - ab[i]) * (1 - ab[i] / ab_prev[i]))
       z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-      return (jnp.sqrt(ab_prev[i]) * x0 + jnp.sqrt(1 - ab_prev[i] - sigma ** 2) * eps
-              + sigma * z)
+      return x_prev + jnp.sqrt(1 - ab_prev[i] - sigma ** 2) * eps + sigma * z
 
     return jax.lax.fori_loop(0, num_steps, step, noise)
