@@ -3,9 +3,12 @@
 Orbax writes each step into a temporary directory and renames it when complete,
 so a process killed mid-save leaves the previous checkpoints restorable.
 """
+import contextlib
 import json
 import os
 import sys
+import tempfile
+import time
 
 import orbax.checkpoint as ocp
 
@@ -33,10 +36,10 @@ class Checkpointer:
   def restore(self, step, abstract_state):
     """(state, data_state) at `step`; an unreadable checkpoint is a UserError, nothing deleted."""
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      with _quiet_stderr_on_failure():
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
-      _ignore_orphaned_read_callbacks()
       msg = str(e).splitlines()[0][:200] if str(e) else ''
       raise UserError(
           f'checkpoint {self.directory}/{step} is unreadable or does not match this config '
@@ -56,13 +59,24 @@ class Checkpointer:
     self.manager.close()
 
 
-def _ignore_orphaned_read_callbacks():
-  """A failed restore closes orbax's event loop while tensorstore reads still finish;
-  their callbacks then raise 'Event loop is closed'. Drop just those tracebacks."""
-  previous = sys.excepthook
-
-  def hook(kind, value, tb):
-    if not (kind is RuntimeError and 'Event loop is closed' in str(value)):
-      previous(kind, value, tb)
-
-  sys.excepthook = hook
+@contextlib.contextmanager
+def _quiet_stderr_on_failure():
+  """Holds back fd-level stderr while a restore runs: replayed if it succeeds, dropped if it
+  fails. A failed restore closes orbax's event loop while tensorstore reads still finish,
+  and their threads print 'Event loop is closed' tracebacks; the UserError says it all."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      time.sleep(0.5)  # let the orphaned reads finish into the capture
+      raise
+    else:
+      sys.stderr.flush()
+      captured.seek(0)
+      os.write(saved, captured.read())
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)

@@ -2,6 +2,7 @@ r"""jaxgen command line: train, evaluate, sample or describe a model from a conf
 
   python -m jaxgen.main --config=configs/dit.py:demo --workdir=workdirs/dit_demo
   python -m jaxgen.main --config=configs/dit.py:XL/2 --mode=info
+  python -m jaxgen.main --config=configs/dit_moe.py:demo --workdir=DIR --mode=analyze  # MoE routing
 
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host.
@@ -13,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ('train', 'eval', 'sample', 'info')
+MODES = ('train', 'eval', 'sample', 'info', 'analyze')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file:variant.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, samples.')
@@ -67,6 +68,9 @@ def run(config, workdir, mode):
     print(json.dumps(trainer.evaluate(config, workdir)))
   elif mode == 'sample':
     print(trainer.sample(config, workdir))
+  elif mode == 'analyze':  # DiT-MoE routing heat maps -> workdir/analysis/routing/
+    from jaxgen.analysis import routing
+    print(json.dumps(routing.analyze(config, workdir)))
 
 
 def main(argv):
@@ -84,12 +88,19 @@ def main(argv):
     initialize_distributed()
     run(config, _WORKDIR.value, _MODE.value)
   except (UserError, DatasetNotFoundError) as e:
-    print(f'jaxgen: error: {e}', file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Checkpoint saves were already awaited; skip interpreter teardown, where a failed
-    # orbax/tensorstore read leaves futures that print tracebacks into a closed loop.
-    os._exit(2)
+    exit_with_error(str(e))
+
+
+def exit_with_error(message):
+  """Prints one line and exits 2 at once. Checkpoint saves were already awaited; what is
+  skipped is interpreter teardown, where the threads of a failed orbax/tensorstore read
+  print tracebacks into a closed event loop: stderr is closed to them first."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  err = os.dup(2)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os.write(err, f'jaxgen: error: {message}\n'.encode())
+  os._exit(2)
 
 
 def _parse_flags(argv):

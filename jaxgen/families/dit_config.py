@@ -49,6 +49,7 @@ def base(family_objective):
   c.sample = ml_collections.ConfigDict(dict(
       method='euler' if family_objective == 'rectified_flow' else 'ddim', num_steps=50,
       cfg_scale=1.5, per_class=8, seed=0))
+  c.analysis = ml_collections.ConfigDict(dict(num_batches=4, num_timesteps=10))  # --mode=analyze
   return c
 
 

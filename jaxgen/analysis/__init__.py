@@ -1,0 +1,1 @@
+"""Analyses of trained models (e.g. DiT-MoE expert routing: `jaxgen.analysis.routing`)."""
