@@ -63,13 +63,10 @@ def parse_args(argv=None):
 
 
 def model_evals(method, num_steps):
-  """(executed, useful) network evaluations per sample call.
-
-  Heun's last step needs no correction, but the compiled loop selects it with jnp.where, so
-  both branches run: 2N evaluations execute, 2N - 1 are used.
-  """
+  """(executed, useful) network evaluations per sample call: Heun corrects every step but
+  the last, so it runs 2N - 1 evaluations, all useful."""
   if method == 'heun':
-    return 2 * num_steps, 2 * num_steps - 1
+    return 2 * num_steps - 1, 2 * num_steps - 1
   return num_steps, num_steps
 
 
