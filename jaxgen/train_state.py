@@ -28,10 +28,20 @@ def mesh_context(mesh, rules):
     yield
 
 
+def _unbox_mismatched(tree):
+  """Optimizer statistics inherit their parameter's logical names through tx.init; factored
+  ones (Adafactor's row/column moments) have another rank, so they lose the names and
+  stay replicated."""
+  return jax.tree.map(
+      lambda x: x.value if sharding.is_boxed(x) and x.value.ndim != len(x.names) else x,
+      tree, is_leaf=sharding.is_boxed)
+
+
 def _create(family, tx, rng):
   init_rng, state_rng = jax.random.split(rng)
   params = family.init_params(init_rng)  # LogicallyPartitioned boxes
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=_unbox_mismatched(tx.init(params)),
                     ema_params=jax.tree.map(jnp.copy, params), rng=state_rng)
 
 

@@ -182,3 +182,18 @@ def test_ddpm_variant_trains_and_samples(tiny_config, tmp_path):
   img = np.asarray(Image.open(
       tmp_path / 'samples' / 'step_0000004.png'))
   assert img.ndim == 3 and img.shape[2] == 3
+
+
+def test_adafactor_with_fsdp_replicates_factored_statistics(tiny_config):
+  cfg = tiny_config()
+  cfg.model.update(width=64, num_heads=4)
+  cfg.optim.update(name='adafactor', lr=1e-2)
+  fam = families.get_family(cfg)
+  state, losses = _run_steps(cfg, fam, _mesh(jax.devices(), data=2, fsdp=4),
+                             _random_batches(2, 8))
+  assert all(np.isfinite(losses))
+  w = state.params['block0']['mlp']['fc1']['kernel']
+  assert w.sharding.spec == jax.sharding.PartitionSpec('fsdp', None)
+  # Factored second moments have other shapes than the weights: replicated, not mis-sharded.
+  for leaf in jax.tree.leaves(state.opt_state):
+    assert len(leaf.sharding.spec) <= leaf.ndim
