@@ -48,19 +48,24 @@ def _random_batches(n, batch, seed=0):
            'label': rng.integers(0, 10, batch).astype(np.int32)} for _ in range(n)]
 
 
-def test_sharded_step_equals_single_device(tiny_config):
-  cfg = tiny_config()
-  cfg.model.update(width=64, num_heads=4)  # mlp 256: divisible by fsdp=4
-  fam = families.get_family(cfg)
-  batches = _random_batches(3, 8)
+def sharded_equals_single_device(cfg, fam, batches, **mesh_axes):
+  """Trains on 1 device and on the 8-device mesh `mesh_axes`; asserts equal losses,
+  parameters and EMA; returns the sharded state."""
   ref_state, ref_losses = _run_steps(cfg, fam, _mesh(jax.devices()[:1]), batches)
-  mesh = _mesh(jax.devices(), data=2, fsdp=4)
-  state, losses = _run_steps(cfg, fam, mesh, batches)
+  state, losses = _run_steps(cfg, fam, _mesh(jax.devices(), **mesh_axes), batches)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(ref_state.params),
                               rtol=1e-4, atol=1e-6)
   chex.assert_trees_all_close(jax.device_get(state.ema_params),
                               jax.device_get(ref_state.ema_params), rtol=1e-4, atol=1e-6)
+  return state
+
+
+def test_sharded_step_equals_single_device(tiny_config):
+  cfg = tiny_config()
+  cfg.model.update(width=64, num_heads=4)  # mlp 256: divisible by fsdp=4
+  fam = families.get_family(cfg)
+  state = sharded_equals_single_device(cfg, fam, _random_batches(3, 8), data=2, fsdp=4)
   # A large weight is really split over 'fsdp': each device holds a quarter of its rows.
   w = state.params['block0']['mlp']['fc1']['kernel']  # [embed=64, mlp=256]
   assert w.sharding.spec == jax.sharding.PartitionSpec('fsdp', None)
