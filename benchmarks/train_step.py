@@ -73,6 +73,11 @@ def synthetic_batches(config, mesh, count, seed=0):
 
 def bench_config(variant, args, ceilings, peak):
   config = make_config(variant, args.batch, args.dtype, args.warmup + args.steps)
+  return measure(config, variant, args, ceilings, peak)
+
+
+def measure(config, label, args, ceilings, peak):
+  """Compiles and times the trainer's step for `config`; one result row labelled `label`."""
   exp = trainer.Experiment(config, workdir=None)
   state, _ = train_state.init_state(exp.family, exp.tx, exp.rng, exp.mesh, exp.rules)
   step_fn = train_state.make_train_step(exp.family, exp.tx, exp.schedule, config, exp.mesh,
@@ -94,7 +99,7 @@ def bench_config(variant, args, ceilings, peak):
   ceiling = ceilings.get(args.dtype, ceilings['float32'])
   mem, mem_source = common.peak_memory()
   return {
-      'config': variant, 'dtype': args.dtype, 'batch': config.batch_size,
+      'config': label, 'dtype': args.dtype, 'batch': config.batch_size,
       'params': common.param_count(holder['state'].params),
       'compile_s': compile_s,
       'step_ms_median': 1e3 * stats['median_s'], 'step_ms_mean': 1e3 * stats['mean_s'],

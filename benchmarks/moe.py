@@ -1,0 +1,75 @@
+r"""DiT-MoE dispatch benchmark: dropless vs capacity vs dense-all-experts, and a FLOP-matched dense DiT.
+
+  python benchmarks/moe.py                         # S width (384), 8E2A, small batch on CPU
+  python benchmarks/moe.py --depth 12 --batch 64   # the full S depth, on a GPU
+
+The MoE model is S-width (384, 6 heads) with 8 routed SwiGLU experts (top-2, hidden 4D) and
+2 shared experts, on the 32x32x1 Fashion-MNIST shape with patch 4 (64 tokens). The dense
+reference is the same DiT with a GELU MLP whose width matches the MoE's activated FLOPs per
+token (router + 2 experts + shared: 30 D^2 + 8 D multiply-adds ~ GELU MLP of ratio 15).
+Reported: step time of each, MoE/dense-FLOP-matched ratio, dense-all-experts slowdown.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common, train_step  # noqa: E402
+
+COLUMNS = (('config', 'config'), ('batch', 'batch'), ('params', 'params'),
+           ('train_gflops_per_step', 'GFLOP/step'), ('compile_s', 'compile s'),
+           ('step_ms_median', 'step ms (med)'), ('images_per_s', 'img/s'),
+           ('mfu_measured', 'MFU (measured)'), ('vs_dense', 'x dense (FLOP-matched)'))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--depth', type=int, default=2, help='blocks (S has 12; 2 keeps CPU runs short)')
+  p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--warmup', type=int, default=1)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results', 'moe.json'))
+  return p.parse_args(argv)
+
+
+def make_config(args, dispatch=None):
+  """S-width DiT-MoE 8E2A with `dispatch`, or (dispatch None) the FLOP-matched dense DiT."""
+  config = common.load_config_module('dit_moe').get_config('demo')
+  config.model.update(width=384, num_heads=6, depth=args.depth, patch_size=4, dtype=args.dtype)
+  config.update(batch_size=args.batch, total_steps=args.steps + args.warmup + 1)
+  if dispatch is None:
+    config.model.moe.num_experts = 0
+    config.model.mlp_ratio = 15.0  # 2*D*15D = 30 D^2 MACs per token, as the MoE activates
+  else:
+    config.model.moe.update(num_experts=8, top_k=2, num_shared=2, dispatch=dispatch)
+  return config
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  ceilings = common.matmul_ceilings()
+  machine = common.machine_info(ceilings)
+  print(common.format_machine(machine), flush=True)
+  rows = []
+  for dispatch in (None, 'dropless', 'capacity', 'dense'):
+    label = 'dense DiT (FLOP-matched)' if dispatch is None else f'MoE 8E2A {dispatch}'
+    rows.append(train_step.measure(make_config(args, dispatch), label, args, ceilings,
+                                   machine['peak_bf16_flops']))
+    print(f"  {label}: {rows[-1]['step_ms_median']:.1f} ms/step", flush=True)
+  dense_ms = rows[0]['step_ms_median']
+  for row in rows:
+    row['vs_dense'] = row['step_ms_median'] / dense_ms
+  sparse = min(r['step_ms_median'] for r in rows[1:3])
+  summary = {'moe_over_dense_best_sparse': sparse / dense_ms,
+             'dense_all_experts_over_best_sparse': rows[3]['step_ms_median'] / sparse}
+  print(common.format_table(rows, COLUMNS))
+  print(f"best sparse MoE step / FLOP-matched dense step: {summary['moe_over_dense_best_sparse']:.2f}"
+        f" (target <= 1.3); dense-all-experts / best sparse: "
+        f"{summary['dense_all_experts_over_best_sparse']:.2f} (target >= 2)")
+  args.summary = summary
+  common.write_json(args.out, rows, machine, args)
+
+
+if __name__ == '__main__':
+  main()
