@@ -177,6 +177,20 @@ def format_machine(machine):
           f"bf16 peak: {'-' if peak is None else f'{peak / 1e12:.4g} TFLOP/s'}")
 
 
+def start():
+  """Measures this machine's matmul ceilings and prints them: (ceilings, machine info)."""
+  ceilings = matmul_ceilings()
+  machine = machine_info(ceilings)
+  print(format_machine(machine), flush=True)
+  return ceilings, machine
+
+
+def finish(args, rows, columns, machine):
+  """Prints the table and writes rows + machine + args as JSON to args.out."""
+  print(format_table(rows, columns))
+  write_json(args.out, rows, machine, args)
+
+
 def write_json(path, rows, machine, args):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:

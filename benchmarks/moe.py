@@ -48,9 +48,7 @@ def make_config(args, dispatch=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  ceilings = common.matmul_ceilings()
-  machine = common.machine_info(ceilings)
-  print(common.format_machine(machine), flush=True)
+  ceilings, machine = common.start()
   rows = []
   for dispatch in (None, 'dropless', 'capacity', 'dense'):
     label = 'dense DiT (FLOP-matched)' if dispatch is None else f'MoE 8E2A {dispatch}'
@@ -63,12 +61,11 @@ def main(argv=None):
   sparse = min(r['step_ms_median'] for r in rows[1:3])
   summary = {'moe_over_dense_best_sparse': sparse / dense_ms,
              'dense_all_experts_over_best_sparse': rows[3]['step_ms_median'] / sparse}
-  print(common.format_table(rows, COLUMNS))
+  args.summary = summary
+  common.finish(args, rows, COLUMNS, machine)
   print(f"best sparse MoE step / FLOP-matched dense step: {summary['moe_over_dense_best_sparse']:.2f}"
         f" (target <= 1.3); dense-all-experts / best sparse: "
         f"{summary['dense_all_experts_over_best_sparse']:.2f} (target >= 2)")
-  args.summary = summary
-  common.write_json(args.out, rows, machine, args)
 
 
 if __name__ == '__main__':

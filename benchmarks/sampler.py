@@ -142,14 +142,11 @@ def bench_config(variant, args):
 
 def main(argv=None):
   args = parse_args(argv)
-  ceilings = common.matmul_ceilings()
-  machine = common.machine_info(ceilings)
-  print(common.format_machine(machine), flush=True)
+  ceilings, machine = common.start()
   rows = []
   for variant in common.parse_configs(args.configs):
     rows.extend(bench_config(variant, args))
-  print(common.format_table(rows, COLUMNS))
-  common.write_json(args.out, rows, machine, args)
+  common.finish(args, rows, COLUMNS, machine)
 
 
 if __name__ == '__main__':

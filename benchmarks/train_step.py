@@ -116,15 +116,12 @@ def measure(config, label, args, ceilings, peak):
 
 def main(argv=None):
   args = parse_args(argv)
-  ceilings = common.matmul_ceilings()
-  machine = common.machine_info(ceilings)
-  print(common.format_machine(machine), flush=True)
+  ceilings, machine = common.start()
   rows = []
   for variant in common.parse_configs(args.configs):
     rows.append(bench_config(variant, args, ceilings, machine['peak_bf16_flops']))
     print(f"  {variant}: {rows[-1]['step_ms_median']:.1f} ms/step", flush=True)
-  print(common.format_table(rows, COLUMNS))
-  common.write_json(args.out, rows, machine, args)
+  common.finish(args, rows, COLUMNS, machine)
 
 
 if __name__ == '__main__':
