@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from jaxgen import train_state, trainer  # noqa: E402
+from jaxgen import trainer  # noqa: E402
 
 MIN_TIME_S = 1.0  # fast calls repeat until this much time is measured, for stable medians
 SAMPLERS = {'rectified_flow': ('euler', 'heun'), 'ddpm': ('ddim',)}
@@ -85,7 +85,7 @@ def sample_labels(config, batch):
 
 def init_params(exp):
   """EMA parameters in the trainer's sharded layout (the ones the trainer samples with)."""
-  state, _ = train_state.init_state(exp.family, exp.tx, exp.rng, exp.mesh, exp.rules)
+  state = exp.init_state()
   return state.ema_params
 
 

@@ -79,7 +79,7 @@ def bench_config(variant, args, ceilings, peak):
 def measure(config, label, args, ceilings, peak):
   """Compiles and times the trainer's step for `config`; one result row labelled `label`."""
   exp = trainer.Experiment(config, workdir=None)
-  state, _ = train_state.init_state(exp.family, exp.tx, exp.rng, exp.mesh, exp.rules)
+  state = exp.init_state()
   step_fn = train_state.make_train_step(exp.family, exp.tx, exp.schedule, config, exp.mesh,
                                         exp.shardings, sharding.batch_sharding(exp.mesh))
   batches = synthetic_batches(config, exp.mesh, count=2)

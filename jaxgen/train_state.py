@@ -55,9 +55,12 @@ def abstract_state(family, tx, rng, mesh, rules):
   return shapes, shardings
 
 
-def init_state(family, tx, rng, mesh, rules):
-  """Initialises the state directly into its sharded layout (jit with out_shardings)."""
-  _, shardings = abstract_state(family, tx, rng, mesh, rules)
+def init_state(family, tx, rng, mesh, rules, shardings=None):
+  """Initialises the state directly into its sharded layout (jit with out_shardings).
+
+  `shardings` from an earlier `abstract_state` call saves tracing the init twice."""
+  if shardings is None:
+    _, shardings = abstract_state(family, tx, rng, mesh, rules)
   create = lambda r: nn.meta.unbox(_create(family, tx, r))
   with mesh_context(mesh, rules):
     state = jax.jit(create, out_shardings=shardings)(rng)

@@ -11,7 +11,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
@@ -40,6 +39,12 @@ class Experiment:
     self.abstract, self.shardings = train_state.abstract_state(
         self.family, self.tx, self.rng, self.mesh, self.rules)
     self.is_primary = jax.process_index() == 0
+
+  def init_state(self):
+    """A freshly initialised, sharded train state."""
+    state, _ = train_state.init_state(self.family, self.tx, self.rng, self.mesh, self.rules,
+                                      self.shardings)
+    return state
 
   def context(self):
     return train_state.mesh_context(self.mesh, self.rules)
@@ -143,7 +148,7 @@ def _train_loop(exp, ckpt):
   data_iter = exp.batches('train', train=True, seed=c.seed)
   state, data_state = exp.restore_latest(ckpt)
   if state is None:
-    state, _ = train_state.init_state(family, exp.tx, exp.rng, exp.mesh, exp.rules)
+    state = exp.init_state()
   else:
     data_iter.set_state(data_state)
   start = int(jax.device_get(state.step))

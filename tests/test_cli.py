@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import run_cli
 
 TINY = '--config=configs/dit.py:tiny'
 

@@ -137,12 +137,11 @@ def test_analyze_needs_moe_and_a_checkpoint(tmp_path, data_dir):
 
 
 def test_collect_routing_ddpm_untrained(data_dir):
-  from jaxgen import train_state
   cfg = load_config('configs/dit_moe.py', 'tiny,ddpm')
   cfg.data.data_dir = data_dir
   cfg.model.moe.every = 2  # MoE only in block 0
   exp = trainer.Experiment(cfg, None)
-  state, _ = train_state.init_state(exp.family, exp.tx, exp.rng, exp.mesh, exp.rules)
+  state = exp.init_state()
   result = routing.collect_routing(exp, state.ema_params, num_batches=2, timesteps=[0.1, 0.9])
   assert result['layers'] == ['block0'] and result['model_timesteps'] == [100.0, 900.0]
   assert result['image_counts'].shape == (1, 2, 16, 4)

@@ -6,9 +6,8 @@ sharding, optimizer, EMA, checkpoints, data order, logging.
 import abc
 
 import jax
-import jax.numpy as jnp
 
-from jaxgen import data
+from jaxgen import data, sampling
 
 
 class FamilyBase(abc.ABC):
@@ -45,7 +44,7 @@ class FamilyBase(abc.ABC):
 
   def sample_labels(self):
     cfg = self.config
-    return jnp.repeat(jnp.arange(cfg.data.num_classes, dtype=jnp.int32), cfg.sample.per_class)
+    return sampling.class_grid_labels(cfg.data.num_classes, cfg.sample.per_class)
 
   def row_names(self):
     return None
