@@ -2,6 +2,7 @@ r"""Training-step throughput and MFU of DiT configs, built exactly as the traine
 
   python benchmarks/train_step.py                       # tiny and S/2 on 32x32x1 Fashion-MNIST
   python benchmarks/train_step.py --configs S/2,B/2 --batch 256 --dtype bfloat16   # on a GPU
+  python benchmarks/train_step.py --family dit_moe --configs B/2-8E2A --batch 256 --dtype bfloat16
 
 Synthetic global batches (images uniform in [-1, 1], random labels) replace the dataset.
 The step is compiled ahead of time (reported separately), warmed up, then timed with
@@ -31,8 +32,11 @@ COLUMNS = (
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--family', default='dit', help='configs/<family>.py (dit, dit_moe)')
   p.add_argument('--configs', default='tiny,S/2',
-                 help="configs/dit.py variants, comma-separated ('S/2,ddpm' for DDPM)")
+                 help="configs/<family>.py variants, comma-separated ('S/2,ddpm' for DDPM)")
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='config override, e.g. model.moe.dispatch=capacity (repeatable)')
   p.add_argument('--batch', type=int, default=None,
                  help='global batch (default: 32 on an accelerator, 8 on CPU)')
   p.add_argument('--steps', type=int, default=10, help='timed steps after warm-up')
@@ -47,8 +51,20 @@ def parse_args(argv=None):
   return args
 
 
-def make_config(variant, batch, dtype, steps):
-  config = common.load_config_module('dit').get_config(variant)
+def make_config(variant, batch, dtype, steps, family='dit', overrides=()):
+  config = common.load_config_module(family).get_config(variant)
+  for item in overrides:
+    key, value = item.split('=', 1)
+    parent = config
+    *path, leaf = key.split('.')
+    for name in path:
+      parent = parent[name]
+    old = parent[leaf]
+    if isinstance(old, bool):
+      value = value.lower() in ('1', 'true', 'yes')
+    elif old is not None:
+      value = type(old)(value)
+    parent[leaf] = value
   config.batch_size = batch
   config.model.dtype = dtype
   config.total_steps = max(config.total_steps, steps)  # only shapes the lr schedule
@@ -72,8 +88,10 @@ def synthetic_batches(config, mesh, count, seed=0):
 
 
 def bench_config(variant, args, ceilings, peak):
-  config = make_config(variant, args.batch, args.dtype, args.warmup + args.steps)
-  return measure(config, variant, args, ceilings, peak)
+  config = make_config(variant, args.batch, args.dtype, args.warmup + args.steps,
+                       args.family, args.set)
+  label = ' '.join([variant] + args.set)
+  return measure(config, label, args, ceilings, peak)
 
 
 def measure(config, label, args, ceilings, peak):

@@ -2,7 +2,7 @@
 import ml_collections
 
 from jaxgen import sharding
-from jaxgen.data.pipeline import default_data_config
+from jaxgen.data.config import default_data_config
 
 
 def base_config():
@@ -18,7 +18,19 @@ def base_config():
   c.async_checkpoints = True
   c.sample_every = 0           # 0: only at the end of training
   c.eval_every = 0
-  c.eval_batches = 10
+  c.eval_batches = 10           # test batches averaged by the 'loss' metric
+  # What --mode=eval and the periodic eval compute (see jaxgen/evaluation.py).
+  c.eval = ml_collections.ConfigDict(dict(
+      metrics='loss',              # comma-separated: loss, fid, is, pr
+      feature_net='fmnist_classifier',  # or 'inception' (needs inception_path)
+      inception_path='',           # pt_inception-2015-12-05 .pth, or its converted .npz
+      num_samples=1000,            # generated images per sample-based evaluation
+      num_real=10000,              # real images of real_split (statistics cached)
+      real_split='test',
+      batch_size=0,                # 0: batch_size
+      seed=0,
+      is_splits=10,
+      pr_k=3))
   c.progress_bar = True
   c.data = default_data_config()
   c.optim = ml_collections.ConfigDict(dict(

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from jaxgen import checkpointing, families, optim, sharding, train_state, writers
+from jaxgen import checkpointing, evaluation, families, optim, sharding, train_state, writers
 from jaxgen.errors import UserError
 
 
@@ -25,12 +25,13 @@ from jaxgen.errors import UserError
 class Experiment:
   """Everything derived from the config that the modes share."""
 
-  def __init__(self, config, workdir):
+  def __init__(self, config, workdir, devices=None):
     self.config, self.workdir = config, workdir
     self.family = families.get_family(config)
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_tuple(config.axis_rules)
     sharding.check_batch(config.batch_size, self.mesh)
+    evaluation.check_config(config.eval)
     if config.batch_size % config.get('grad_accum_steps', 1):
       raise UserError(f'batch_size={config.batch_size} is not divisible by '
                       f'grad_accum_steps={config.grad_accum_steps}')
@@ -90,7 +91,14 @@ class Experiment:
     return path, grid
 
   def evaluate(self, params):
-    """Mean of the family's eval metrics over `eval_batches` test batches (EMA params)."""
+    """The metrics named by config.eval.metrics for `params` (the EMA): see evaluation.py."""
+    names = evaluation.metric_names(self.config.eval)
+    out = self.loss_metrics(params) if 'loss' in names else {}
+    out.update(evaluation.sample_metrics(self, params))
+    return out
+
+  def loss_metrics(self, params):
+    """Mean of the family's eval metrics over `eval_batches` test batches."""
     if not hasattr(self, '_eval_fn'):
       self._eval_fn = jax.jit(self.family.eval_metrics,
                               out_shardings=NamedSharding(self.mesh, P()))
@@ -212,7 +220,7 @@ def evaluate(config, workdir):
     writer.write_scalars(step, metrics)
     writer.flush()
     with open(os.path.join(workdir, f'eval_{step:07d}.json'), 'w') as f:
-      json.dump(dict(metrics, step=step), f, indent=2)
+      json.dump(dict(metrics, step=step, eval_config=config.eval.to_dict()), f, indent=2)
   return metrics
 
 

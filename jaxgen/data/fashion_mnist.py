@@ -10,9 +10,9 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxgen.data.config import FASHION_MNIST_DIR as DEFAULT_MANUAL_DIR
 from jaxgen.data.errors import DatasetNotFoundError
 
-DEFAULT_MANUAL_DIR = '/usr/share/datasets/fashion-mnist'
 
 CLASS_NAMES = [
     'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',

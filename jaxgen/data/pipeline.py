@@ -5,30 +5,16 @@ import functools
 import os
 
 import grain
-import ml_collections
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
 from jaxgen.data import fashion_mnist
+from jaxgen.data.config import default_data_config
 from jaxgen.data.errors import DatasetNotFoundError
 
 __all__ = ['DatasetNotFoundError', 'default_data_config', 'prepare_dataset', 'num_examples',
            'make_iterator']
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict()
-  cfg.name = 'fashion_mnist'
-  cfg.data_dir = os.path.expanduser(os.environ.get('JAXGEN_DATA_DIR', '~/.cache/jaxgen/tfds'))
-  cfg.manual_dir = fashion_mnist.DEFAULT_MANUAL_DIR
-  cfg.image_size = 32
-  cfg.channels = 1
-  cfg.num_classes = 10
-  cfg.flip = False
-  cfg.num_threads = 2
-  cfg.prefetch = 4
-  return cfg
 
 
 def _data_dir(cfg) -> str:

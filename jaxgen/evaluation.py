@@ -1,0 +1,175 @@
+"""Sample-based evaluation: FID, Inception Score and precision/recall with a named feature net.
+
+`config.eval.metrics` names what `--mode=eval` (and the periodic eval) computes:
+  loss       the family's own eval metrics, averaged over `eval_batches` test batches
+  fid        Frechet distance between generated samples and the real `eval.real_split`
+  is         Inception Score of the generated samples (the feature net's logits)
+  pr         improved precision / recall (k-NN manifolds, k = eval.pr_k)
+
+Every score is labelled with the network that produced it, e.g. `eval/fid[fmnist_classifier_v1]`:
+`inception` (the standard pt_inception-2015-12-05 FID network, from a local weights file)
+or `fmnist_classifier` (jaxgen's offline Fashion-MNIST network, trained once by
+`python -m jaxgen.metrics.fmnist_net`). Sampling and feature extraction run sharded over
+the mesh's batch axes; features are gathered to every host. Real-data statistics (and
+features, for precision/recall) are computed once per dataset split and cached.
+"""
+import dataclasses
+import hashlib
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxgen import sharding
+from jaxgen.errors import UserError
+from jaxgen.metrics import frechet, scores
+
+METRICS = ('loss', 'fid', 'is', 'pr')
+FEATURE_NETS = ('fmnist_classifier', 'inception')
+SAMPLE_METRICS = ('fid', 'is', 'pr')
+
+
+def metric_names(eval_cfg):
+  """'loss,fid' -> ('loss', 'fid'); unknown names are a UserError."""
+  names = tuple(n.strip() for n in str(eval_cfg.metrics).split(',') if n.strip())
+  unknown = [n for n in names if n not in METRICS]
+  if unknown:
+    raise UserError(f'unknown eval metric {unknown[0]!r} in --config.eval.metrics: '
+                    f'use a comma-separated subset of {",".join(METRICS)}')
+  return names
+
+
+def check_config(eval_cfg):
+  """Fails fast (before any checkpoint is read) on metrics or feature nets that cannot run."""
+  names = metric_names(eval_cfg)
+  if not any(n in SAMPLE_METRICS for n in names):
+    return
+  if eval_cfg.feature_net not in FEATURE_NETS:
+    raise UserError(f'unknown --config.eval.feature_net={eval_cfg.feature_net!r}: use one of '
+                    f'{", ".join(FEATURE_NETS)}')
+  if eval_cfg.feature_net == 'inception' and not eval_cfg.inception_path:
+    raise UserError('--config.eval.feature_net=inception needs the FID Inception weights: '
+                    'pass --config.eval.inception_path=/path/to/pt_inception-2015-12-05.pth '
+                    '(or an .npz from scripts/convert_torch_weights.py)')
+
+
+# ----------------------------------------------------------------------------
+# Feature networks
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FeatureNet:
+  """`apply(variables, images in [-1, 1] NHWC) -> {'pool': [B, F], 'logits': [B, C]}`."""
+  name: str
+  variables: Any
+  apply: Callable
+
+  def fingerprint(self):
+    """Short hash of the weights: cached real features never outlive the net that made them."""
+    h = hashlib.sha1()
+    for leaf in jax.tree_util.tree_leaves(self.variables):
+      h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()[:10]
+
+
+def load_feature_net(eval_cfg, data_cfg):
+  check_config(eval_cfg)
+  name = eval_cfg.feature_net
+  if name == 'inception':
+    from jaxgen.models import inception
+    return FeatureNet('inception_pt_2015_12_05', inception.load_inception(
+        eval_cfg.inception_path), inception.inception_features)
+  from jaxgen.metrics import fmnist_net
+  return FeatureNet(fmnist_net.FEATURE_NET_NAME, fmnist_net.load_classifier(data_cfg),
+                    fmnist_net.fmnist_features)
+
+
+class Extractor:
+  """Jitted features of global (batch-sharded) image arrays, gathered to the host."""
+
+  def __init__(self, net, mesh):
+    self.net, self.mesh = net, mesh
+    self._fn = jax.jit(net.apply, out_shardings=NamedSharding(mesh, P()))
+
+  def __call__(self, images):
+    with jax.set_mesh(self.mesh):
+      out = self._fn(self.net.variables, images)
+    return {k: np.asarray(jax.device_get(v), np.float64) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------
+# Real and generated features
+# ----------------------------------------------------------------------------
+def _stats_path(exp, net, split, num):
+  d = exp.config.data
+  size = f'{d.image_size}x{d.image_size}x{d.channels}'
+  return os.path.join(os.path.expanduser(str(d.data_dir)), 'fid_stats',
+                      f'{d.name}_{split}_{num}_{size}_{net.name}_{net.fingerprint()}.npz')
+
+
+def real_features(exp, extractor, split, num, batch_size):
+  """Feature dict ('pool', 'logits') of the first `num` examples of `split`, cached."""
+  path = _stats_path(exp, extractor.net, split, num)
+  if os.path.exists(path):
+    try:
+      with np.load(path) as f:
+        return {'pool': f['pool'], 'logits': f['logits']}
+    except Exception as e:  # noqa: BLE001 — any unreadable cache is the same problem
+      raise UserError(f'cached real features {path} are unreadable ({type(e).__name__}); '
+                      'delete the file and run again') from e
+  it = exp.family.make_iterator(split, global_batch_size=batch_size, seed=0, train=False)
+  chunks = []
+  for _ in range(-(-num // batch_size)):
+    chunks.append(extractor(sharding.global_batch({'image': next(it)['image']}, exp.mesh)[
+        'image']))
+  feats = {k: np.concatenate([c[k] for c in chunks])[:num] for k in chunks[0]}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f'.tmp{os.getpid()}.npz'
+    np.savez(tmp, **feats)
+    os.replace(tmp, path)
+  return feats
+
+
+def generated_features(exp, extractor, params, num, batch_size, seed):
+  """Features of `num` class-balanced samples (labels i % num_classes), made batch by batch."""
+  classes = exp.config.data.num_classes
+  local = batch_size // jax.process_count()
+  first = jax.process_index() * local  # processes hold consecutive rows of the global batch
+  sample = jax.jit(exp.family.sample, out_shardings=sharding.batch_sharding(exp.mesh))
+  chunks = []
+  with exp.context():
+    for i in range(-(-num // batch_size)):
+      rows = np.arange(i * batch_size + first, i * batch_size + first + local)
+      labels = sharding.global_batch((rows % classes).astype(np.int32), exp.mesh)
+      rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+      chunks.append(extractor(sample(params, rng, labels)))
+  return {k: np.concatenate([c[k] for c in chunks])[:num] for k in chunks[0]}
+
+
+def sample_metrics(exp, params, net=None):
+  """The config's sample-based metrics for `params`; keys name the feature network."""
+  c = exp.config
+  e = c.eval
+  wanted = [m for m in metric_names(e) if m in SAMPLE_METRICS]
+  if not wanted:
+    return {}
+  net = net or load_feature_net(e, c.data)
+  batch = e.batch_size or c.batch_size
+  sharding.check_batch(batch, exp.mesh, what='eval.batch_size')
+  extractor = Extractor(net, exp.mesh)
+  gen = generated_features(exp, extractor, params, e.num_samples, batch, e.seed)
+  real = real_features(exp, extractor, e.real_split, e.num_real, batch)
+  out, tag = {}, f'[{net.name}]'
+  if 'fid' in wanted:
+    fid = frechet.frechet_distance(*frechet.gaussian_stats(gen['pool']),
+                                   *frechet.gaussian_stats(real['pool']))
+    out[f'eval/fid{tag}'] = float(fid)
+  if 'is' in wanted:
+    mean, std = scores.inception_score(gen['logits'], splits=e.is_splits)
+    out[f'eval/is{tag}'], out[f'eval/is_std{tag}'] = float(mean), float(std)
+  if 'pr' in wanted:
+    precision, recall = scores.precision_recall(real['pool'], gen['pool'], k=e.pr_k)
+    out[f'eval/precision{tag}'], out[f'eval/recall{tag}'] = float(precision), float(recall)
+  return out

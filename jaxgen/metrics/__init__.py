@@ -1,0 +1,2 @@
+"""Evaluation metrics: Frechet distance, IS, precision/recall, image, codebook and LM metrics,
+the offline Fashion-MNIST feature network and the perceptual-distance interface."""
