@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxgen.models import dit, layers
 
@@ -116,3 +117,17 @@ def test_dit_flops_match_paper_xl2():
   fwd = dit.flops_per_example(image_size=32, patch_size=2, width=1152, depth=28, channels=4,
                               train=False)
   assert abs(fwd / 2 / 1e9 - 118.6) / 118.6 < 0.01
+
+
+@pytest.mark.parametrize('mlp_kind', ['gelu', 'swiglu'])
+def test_dit_flops_match_xla_cost_analysis(mlp_kind):
+  """The analytic count against XLA's own count of the compiled forward pass."""
+  kw = dict(image_size=16, patch_size=2, width=64, depth=2, channels=1, mlp_ratio=3.0)
+  model = dit.DiT(num_heads=2, num_classes=10, mlp_kind=mlp_kind, **kw)
+  x, t, y = jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), x, t, y)
+  cost = jax.jit(model.apply).lower(params, x, t, y).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = dit.flops_per_example(mlp_kind=mlp_kind, train=False, **kw)
+  # XLA also counts elementwise work (norms, activations, softmax): a few percent more.
+  assert 1.0 <= cost['flops'] / analytic < 1.1, (cost['flops'], analytic)

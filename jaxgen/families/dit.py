@@ -27,7 +27,7 @@ class Family(FamilyBase):
         image_size=d.image_size, channels=d.channels, patch_size=m.patch_size, width=m.width,
         depth=m.depth, num_heads=m.num_heads, num_classes=d.num_classes,
         mlp_ratio=m.mlp_ratio, class_dropout=m.class_dropout, qk_norm=m.qk_norm,
-        moe=self.moe, moe_every=self.moe_every, dtype=jnp.dtype(m.dtype))
+        moe=self.moe, moe_every=self.moe_every, mlp_kind=m.mlp_kind, dtype=jnp.dtype(m.dtype))
     self.objective = objectives.make_objective(config.objective)
     self.image_shape = (d.image_size, d.image_size, d.channels)
 
@@ -71,7 +71,7 @@ class Family(FamilyBase):
     return dit.flops_per_example(image_size=d.image_size, patch_size=m.patch_size,
                                  width=m.width, depth=m.depth, mlp_ratio=m.mlp_ratio,
                                  channels=d.channels, moe=self.moe, moe_every=self.moe_every,
-                                 train=train)
+                                 mlp_kind=m.mlp_kind, train=train)
 
   def activated_params(self, total):
     m = self.config.model

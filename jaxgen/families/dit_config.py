@@ -44,8 +44,8 @@ def base(family_objective):
   c.family = 'dit'
   c.objective = objective(family_objective)
   c.model = ml_collections.ConfigDict(dict(
-      patch_size=2, width=384, depth=12, num_heads=6, mlp_ratio=4.0, class_dropout=0.1,
-      qk_norm=False, dtype='float32', moe=moe()))
+      patch_size=2, width=384, depth=12, num_heads=6, mlp_ratio=4.0, mlp_kind='gelu',
+      class_dropout=0.1, qk_norm=False, dtype='float32', moe=moe()))
   c.sample = ml_collections.ConfigDict(dict(
       method='euler' if family_objective == 'rectified_flow' else 'ddim', num_steps=50,
       cfg_scale=1.5, per_class=8, seed=0))

@@ -17,6 +17,7 @@ class DiTBlock(nn.Module):
   mlp_ratio: float = 4.0
   qk_norm: bool = False
   moe: Any = None
+  mlp_kind: str = 'gelu'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -32,7 +33,7 @@ class DiTBlock(nn.Module):
     if self.moe:
       mlp = moe_lib.MoE(expert_hidden=hidden, dtype=self.dtype, name='moe', **self.moe)
     else:
-      mlp = layers.Mlp(hidden, 'gelu', self.dtype, name='mlp')
+      mlp = layers.Mlp(hidden, self.mlp_kind, self.dtype, name='mlp')
     x = x + gate_m * mlp(h)
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
@@ -51,6 +52,7 @@ class DiT(nn.Module):
   qk_norm: bool = False
   moe: Any = None       # dict of MoE fields (num_experts, top_k, ...) -> DiT-MoE
   moe_every: int = 1    # MoE in blocks 0, e, 2e, ... (the paper: every block)
+  mlp_kind: str = 'gelu'  # dense blocks' MLP: 'gelu' (DiT) or 'swiglu'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -67,8 +69,8 @@ class DiT(nn.Module):
                                  name='y_embed')(labels, train).astype(self.dtype)
     for i in range(self.depth):
       block_moe = self.moe if self.moe and i % self.moe_every == 0 else None
-      h = DiTBlock(self.num_heads, self.mlp_ratio, self.qk_norm, block_moe, self.dtype,
-                   name=f'block{i}')(h, c)
+      h = DiTBlock(self.num_heads, self.mlp_ratio, self.qk_norm, block_moe, self.mlp_kind,
+                   self.dtype, name=f'block{i}')(h, c)
     shift, scale = layers.AdaLNModulation(2, dtype=self.dtype, name='final_adaLN')(c, self.width)
     h = layers.modulate(layers.LayerNorm(use_scale=False, dtype=self.dtype)(h), shift, scale)
     out = layers.dense(p * p * self.channels, ('embed', None), dtype=self.dtype,
@@ -77,7 +79,7 @@ class DiT(nn.Module):
 
 
 def flops_per_example(*, image_size, patch_size, width, depth, mlp_ratio=4.0, channels=1,
-                      moe=None, moe_every=1, train=True):
+                      moe=None, moe_every=1, mlp_kind='gelu', train=True):
   """Analytic matmul FLOPs (2 per multiply-add) of one example; x3 for a training step.
 
   MoE blocks count what a token activates: the router, top_k experts and the shared MLP.
@@ -87,7 +89,7 @@ def flops_per_example(*, image_size, patch_size, width, depth, mlp_ratio=4.0, ch
   attn_and_mod = (2 * n * 4 * d * d          # q, k, v, out projections
                   + 2 * 2 * n * n * d        # q.k^T and attention-weighted values
                   + 2 * 6 * d * d)           # adaLN modulation (once per example)
-  dense_mlp = 2 * n * 2 * d * hidden
+  dense_mlp = 2 * n * (3 if mlp_kind == 'swiglu' else 2) * d * hidden
   num_moe = len(range(0, depth, moe_every)) if moe else 0
   moe_mlp = 0
   if moe:
