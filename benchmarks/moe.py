@@ -48,6 +48,7 @@ def make_config(args, dispatch=None, dense_kind='swiglu'):
     config.model.moe.num_experts = 0
     config.model.update(mlp_kind=dense_kind, mlp_ratio=DENSE[dense_kind])
   else:
+    config.model.mlp_ratio = 4.0  # experts of hidden 4D, as the paper's
     config.model.moe.update(num_experts=8, top_k=2, num_shared=2, dispatch=dispatch)
   return config
 

@@ -72,3 +72,25 @@ def start_cli(*args, devices=1, env=None):
   return subprocess.Popen([sys.executable, '-m', 'jaxgen.main', *args], cwd=REPO,
                           env=env or cli_env(devices), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope='session')
+def fmnist_classifier(data_dir):
+  """The Fashion-MNIST feature network, trained once per session by its CLI into `data_dir`.
+
+  Returns (variables, test accuracy, CLI stdout, data config). The CLI runs without
+  FAST_XLA_FLAGS: unlike the tiny models elsewhere, this training's run time matters, and
+  unoptimised XLA code runs its steps about 3x slower.
+  """
+  import types
+  from jaxgen.data import default_data_config
+  from jaxgen.metrics import fmnist_net
+  cmd = [sys.executable, '-m', 'jaxgen.metrics.fmnist_net', f'--data_dir={data_dir}']
+  proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, XLA_FLAGS=''), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  cfg = default_data_config()
+  cfg.data_dir = data_dir
+  variables, accuracy = fmnist_net.read_classifier_file(fmnist_net.classifier_path(cfg))
+  return types.SimpleNamespace(variables=variables, accuracy=accuracy, stdout=proc.stdout,
+                               data_config=cfg)

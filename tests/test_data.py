@@ -166,3 +166,14 @@ def test_missing_manual_dir_raises_with_install_hint(tmp_path):
 def test_non_divisible_global_batch_raises(tmp_path):
   with pytest.raises(ValueError, match='divisible'):
     make_iterator(_cfg(tmp_path), 'train', global_batch_size=10, seed=0, process_count=3)
+
+
+def test_load_split_equals_the_iterator(cfg):
+  from jaxgen.data import load_split
+  arrays = load_split(cfg, 'test', limit=100)
+  assert arrays['image'].shape == (100, 32, 32, 1) and arrays['label'].dtype == np.int32
+  it = make_iterator(cfg, 'test', global_batch_size=50, seed=0, train=False)
+  for step in range(2):
+    batch = next(it)
+    np.testing.assert_array_equal(arrays['image'][50 * step:50 * (step + 1)], batch['image'])
+    np.testing.assert_array_equal(arrays['label'][50 * step:50 * (step + 1)], batch['label'])

@@ -8,7 +8,7 @@ import importlib
 from jaxgen.data.config import default_data_config
 from jaxgen.data.errors import DatasetNotFoundError
 
-_PIPELINE = ('make_iterator', 'num_examples', 'prepare_dataset')
+_PIPELINE = ('load_split', 'make_iterator', 'num_examples', 'prepare_dataset')
 __all__ = ['DatasetNotFoundError', 'default_data_config', *_PIPELINE]
 
 

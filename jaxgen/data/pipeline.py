@@ -14,7 +14,7 @@ from jaxgen.data.config import default_data_config
 from jaxgen.data.errors import DatasetNotFoundError
 
 __all__ = ['DatasetNotFoundError', 'default_data_config', 'prepare_dataset', 'num_examples',
-           'make_iterator']
+           'load_split', 'make_iterator']
 
 
 def _data_dir(cfg) -> str:
@@ -112,6 +112,27 @@ def _preprocess(example, *, size, channels, pad):
   return {'image': image, 'label': np.int32(example['label'])}
 
 
+def _pad_for(data_config):
+  return data_config.name == 'fashion_mnist' and data_config.image_size == 32
+
+
+def load_split(data_config, split: str, limit=None):
+  """A whole split (or its first `limit` examples) in stored order as arrays, preprocessed as
+  make_iterator's (no shuffle, no flip): {'image': f32 [N, S, S, C], 'label': i32 [N]}.
+
+  For small datasets that fit in memory; one bulk read is ~4x faster than reading examples
+  one by one.
+  """
+  prepare_dataset(data_config)
+  source = _builder(data_config).as_data_source(split=split)
+  n = len(source) if limit is None else min(limit, len(source))
+  prep = functools.partial(_preprocess, size=data_config.image_size,
+                           channels=data_config.channels, pad=_pad_for(data_config))
+  out = [prep(e) for e in source.__getitems__(range(n))]
+  return {'image': np.stack([o['image'] for o in out]),
+          'label': np.asarray([o['label'] for o in out], np.int32)}
+
+
 def make_iterator(data_config, split: str, *, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, train: bool = True):
   """Returns a grain DatasetIterator of {'image': f32 [B, S, S, C] in [-1, 1], 'label': i32 [B]}.
@@ -135,7 +156,7 @@ def make_iterator(data_config, split: str, *, global_batch_size: int, seed: int,
   if in_channels not in (channels, 1):
     raise ValueError(f'cannot turn {in_channels}-channel images of {data_config.name!r} into '
                      f'{channels} channels')
-  pad = data_config.name == 'fashion_mnist' and size == 32
+  pad = _pad_for(data_config)
 
   ds = grain.MapDataset.source(builder.as_data_source(split=split))
   if train:

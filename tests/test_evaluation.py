@@ -1,0 +1,87 @@
+"""Sample-based evaluation (jaxgen/evaluation.py): sharded == single device, caching, errors."""
+import glob
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from jaxgen import evaluation, trainer
+from jaxgen.errors import UserError
+from jaxgen.models.fmnist_classifier import FmnistClassifier
+
+
+def random_feature_net():
+  """The FID-FMNIST network's architecture with random weights: enough to compare code paths."""
+  model = FmnistClassifier()
+  variables = model.init(jax.random.PRNGKey(1), np.zeros((1, 32, 32, 1), np.float32))
+
+  def apply(v, images):
+    out = model.apply(v, images)
+    return {'pool': out['pool'], 'logits': out['logits']}
+  return evaluation.FeatureNet('random_fmnist_cnn', variables, apply)
+
+
+def eval_config(tiny_config):
+  cfg = tiny_config()
+  cfg.eval.update(metrics='fid,is,pr', num_samples=40, num_real=48, batch_size=16, is_splits=2)
+  return cfg
+
+
+def test_sample_metrics_sharded_equal_single_device(tiny_config, data_dir):
+  cfg, net = eval_config(tiny_config), random_feature_net()
+  results = {}
+  for n in (8, 1):
+    shutil.rmtree(os.path.join(data_dir, 'fid_stats'), ignore_errors=True)
+    exp = trainer.Experiment(cfg, workdir=None, devices=jax.devices()[:n])
+    assert exp.mesh.size == n
+    params = exp.init_state().ema_params
+    results[n] = evaluation.sample_metrics(exp, params, net=net)
+  tag = '[random_fmnist_cnn]'
+  assert set(results[8]) == {f'eval/{m}{tag}' for m in ('fid', 'is', 'is_std', 'precision',
+                                                       'recall')}
+  assert results[8][f'eval/fid{tag}'] > 0
+  for key, value in results[8].items():
+    np.testing.assert_allclose(value, results[1][key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_real_features_are_cached_per_network(tiny_config, data_dir):
+  cfg, net = eval_config(tiny_config), random_feature_net()
+  shutil.rmtree(os.path.join(data_dir, 'fid_stats'), ignore_errors=True)
+  exp = trainer.Experiment(cfg, workdir=None)
+  extractor = evaluation.Extractor(net, exp.mesh)
+  first = evaluation.real_features(exp, extractor, 'test', 24, 16)
+  files = glob.glob(os.path.join(data_dir, 'fid_stats', '*.npz'))
+  assert len(files) == 1 and 'random_fmnist_cnn' in files[0]
+  assert first['pool'].shape == (24, 128) and first['logits'].shape == (24, 10)
+  again = evaluation.real_features(exp, extractor, 'test', 24, 16)  # from the cache
+  np.testing.assert_array_equal(first['pool'], again['pool'])
+  # Other weights under the same name get their own file, not the stale features.
+  other = evaluation.FeatureNet(net.name, jax.tree.map(lambda x: x * 1.5, net.variables),
+                                net.apply)
+  evaluation.real_features(exp, evaluation.Extractor(other, exp.mesh), 'test', 24, 16)
+  assert len(glob.glob(os.path.join(data_dir, 'fid_stats', '*.npz'))) == 2
+  with open(files[0], 'wb') as f:
+    f.write(b'not an npz')
+  with pytest.raises(UserError, match='delete the file'):
+    evaluation.real_features(exp, extractor, 'test', 24, 16)
+
+
+def test_bad_eval_configs_fail_fast(tiny_config):
+  cfg = tiny_config()
+  cfg.eval.metrics = 'loss,fdi'
+  with pytest.raises(UserError, match="unknown eval metric 'fdi'"):
+    trainer.Experiment(cfg, workdir=None)
+  cfg.eval.update(metrics='fid', feature_net='inception')
+  with pytest.raises(UserError, match='inception_path'):
+    trainer.Experiment(cfg, workdir=None)
+
+
+def test_cli_rejects_inception_without_weights(data_dir, tmp_path):
+  r = run_cli('--config=configs/dit.py:tiny', f'--workdir={tmp_path}', '--mode=eval',
+              '--config.eval.metrics=fid', '--config.eval.feature_net=inception')
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1].startswith('jaxgen: error: ')
+  assert 'inception_path' in r.stderr
