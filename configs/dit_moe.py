@@ -24,7 +24,7 @@ def get_config(arg='demo'):
     c.model.moe = dit_config.moe(4, num_shared=1)
   elif variant == 'demo':
     dit_config.demo(c)
-    # Sized for ~15 minutes on 2 CPU cores: experts of hidden 2D (mlp_ratio), one shared
+    # Sized for ~17 minutes on 2 CPU cores: experts of hidden 2D (mlp_ratio), one shared
     # expert, batch 32. Capacity dispatch: on CPU, ragged_dot (dropless) is a masked dense
     # dot, ~4x slower here.
     c.model.update(mlp_ratio=2.0)

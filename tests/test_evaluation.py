@@ -1,5 +1,6 @@
 """Sample-based evaluation (jaxgen/evaluation.py): sharded == single device, caching, errors."""
 import glob
+import json
 import os
 import shutil
 
@@ -85,3 +86,20 @@ def test_cli_rejects_inception_without_weights(data_dir, tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].startswith('jaxgen: error: ')
   assert 'inception_path' in r.stderr
+
+
+def test_cli_eval_writes_labelled_fid(fmnist_classifier, tmp_path):
+  work = str(tmp_path / 'run')
+  r = run_cli('--config=configs/dit.py:tiny', f'--workdir={work}', '--config.total_steps=2')
+  assert r.returncode == 0, r.stderr[-2000:]
+  r = run_cli('--config=configs/dit.py:tiny', f'--workdir={work}', '--mode=eval',
+              '--config.eval.metrics=loss,fid,is,pr', '--config.eval.num_samples=32',
+              '--config.eval.num_real=64', '--config.eval.batch_size=16')
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.load(open(os.path.join(work, 'eval_0000002.json')))
+  tag = '[fmnist_classifier_v1]'
+  for name in ('fid', 'is', 'precision', 'recall'):
+    assert np.isfinite(out[f'eval/{name}{tag}']), name
+  assert out[f'eval/fid{tag}'] > 1.0  # two steps of training: far from the data
+  assert 'eval/loss' in out and out['eval_config']['num_samples'] == 32
+  assert glob.glob(os.path.join(work, 'events.out.tfevents.*'))

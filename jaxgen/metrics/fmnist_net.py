@@ -226,11 +226,16 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, default=DEFAULT_STEPS)
   parser.add_argument('--batch_size', type=int, default=DEFAULT_BATCH_SIZE)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--if_missing', action='store_true',
+                      help='do nothing when a trained network is already cached')
   args = parser.parse_args(argv)
   from jaxgen.data import DatasetNotFoundError, default_data_config, prepare_dataset
   cfg = default_data_config()
   if args.data_dir:
     cfg.data_dir = os.path.expanduser(args.data_dir)
+  if args.if_missing and os.path.exists(classifier_path(cfg)):
+    print(f'using the cached {classifier_path(cfg)}')
+    return
   try:
     prepare_dataset(cfg)
     start = time.time()
