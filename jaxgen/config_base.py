@@ -27,6 +27,7 @@ def base_config():
       num_samples=1000,            # generated images per sample-based evaluation
       num_real=10000,              # real images of real_split (statistics cached)
       real_split='test',
+      reference_stats='',          # a .npz with 'mu', 'sigma' to use instead of real_split's
       batch_size=0,                # 0: batch_size
       seed=0,
       is_splits=10,

@@ -10,8 +10,10 @@ Every score is labelled with the network that produced it, e.g. `eval/fid[fmnist
 `inception` (the standard pt_inception-2015-12-05 FID network, from a local weights file)
 or `fmnist_classifier` (jaxgen's offline Fashion-MNIST network, trained once by
 `python -m jaxgen.metrics.fmnist_net`). Sampling and feature extraction run sharded over
-the mesh's batch axes; features are gathered to every host. Real-data statistics (and
-features, for precision/recall) are computed once per dataset split and cached.
+the mesh's batch axes; features are gathered to every host. Real-data statistics (a .npz of
+mu and sigma; and the features, for precision/recall) are computed once per dataset split and
+feature network and cached, or read from `eval.reference_stats` (a .npz with 'mu' and
+'sigma', e.g. converted standard ImageNet statistics).
 """
 import dataclasses
 import hashlib
@@ -101,16 +103,26 @@ class Extractor:
 # ----------------------------------------------------------------------------
 # Real and generated features
 # ----------------------------------------------------------------------------
-def _stats_path(exp, net, split, num):
+def _cache_path(exp, net, split, num, kind):
+  """<data_dir>/fid_stats/<dataset>_<split>_<num>_<size>_<net>_<weights hash>_<kind>.npz"""
   d = exp.config.data
   size = f'{d.image_size}x{d.image_size}x{d.channels}'
   return os.path.join(os.path.expanduser(str(d.data_dir)), 'fid_stats',
-                      f'{d.name}_{split}_{num}_{size}_{net.name}_{net.fingerprint()}.npz')
+                      f'{d.name}_{split}_{num}_{size}_{net.name}_{net.fingerprint()}_{kind}.npz')
+
+
+def _real_batches(exp, extractor, split, num, batch_size):
+  """Features of the first `num` examples of `split` (in stored order), batch by batch."""
+  it = exp.family.make_iterator(split, global_batch_size=batch_size, seed=0, train=False)
+  for i in range(-(-num // batch_size)):
+    feats = extractor(sharding.global_batch({'image': next(it)['image']}, exp.mesh)['image'])
+    yield {k: v[:num - i * batch_size] for k, v in feats.items()}
 
 
 def real_features(exp, extractor, split, num, batch_size):
-  """Feature dict ('pool', 'logits') of the first `num` examples of `split`, cached."""
-  path = _stats_path(exp, extractor.net, split, num)
+  """Feature dict ('pool', 'logits', float32) of the first `num` examples of `split`, cached
+  (precision/recall needs the features themselves, not only their statistics)."""
+  path = _cache_path(exp, extractor.net, split, num, 'features')
   if os.path.exists(path):
     try:
       with np.load(path) as f:
@@ -118,18 +130,31 @@ def real_features(exp, extractor, split, num, batch_size):
     except Exception as e:  # noqa: BLE001 — any unreadable cache is the same problem
       raise UserError(f'cached real features {path} are unreadable ({type(e).__name__}); '
                       'delete the file and run again') from e
-  it = exp.family.make_iterator(split, global_batch_size=batch_size, seed=0, train=False)
-  chunks = []
-  for _ in range(-(-num // batch_size)):
-    chunks.append(extractor(sharding.global_batch({'image': next(it)['image']}, exp.mesh)[
-        'image']))
-  feats = {k: np.concatenate([c[k] for c in chunks])[:num] for k in chunks[0]}
+  chunks = list(_real_batches(exp, extractor, split, num, batch_size))
+  feats = {k: np.concatenate([c[k] for c in chunks]).astype(np.float32) for k in chunks[0]}
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + f'.tmp{os.getpid()}.npz'
     np.savez(tmp, **feats)
     os.replace(tmp, path)
   return feats
+
+
+def real_stats(exp, extractor, split, num, batch_size, features=None):
+  """(mu, sigma) of the real pool features: a reference-statistics file computed once per
+  dataset split and feature network (streamed, so no features are kept), or `features`'."""
+  net, d = extractor.net, exp.config.data
+  meta = dict(feature_net=net.name, weights=net.fingerprint(), dataset=d.name, split=split,
+              num_examples=num, image_size=d.image_size, channels=d.channels)
+
+  def compute():
+    if features is not None:
+      return frechet.gaussian_stats(features['pool'])
+    stats = frechet.FeatureStats()
+    for feats in _real_batches(exp, extractor, split, num, batch_size):
+      stats.update(feats['pool'])
+    return stats.mean, stats.cov
+  return frechet.cached_stats(_cache_path(exp, net, split, num, 'stats'), compute, **meta)
 
 
 def generated_features(exp, extractor, params, num, batch_size, seed):
@@ -160,11 +185,14 @@ def sample_metrics(exp, params, net=None):
   sharding.check_batch(batch, exp.mesh, what='eval.batch_size')
   extractor = Extractor(net, exp.mesh)
   gen = generated_features(exp, extractor, params, e.num_samples, batch, e.seed)
-  real = real_features(exp, extractor, e.real_split, e.num_real, batch)
+  real = real_features(exp, extractor, e.real_split, e.num_real, batch) if 'pr' in wanted else None
   out, tag = {}, f'[{net.name}]'
   if 'fid' in wanted:
-    fid = frechet.frechet_distance(*frechet.gaussian_stats(gen['pool']),
-                                   *frechet.gaussian_stats(real['pool']))
+    if e.reference_stats:  # e.g. the standard ImageNet statistics of the same feature network
+      mu, sigma, _ = frechet.load_stats(e.reference_stats)
+    else:
+      mu, sigma = real_stats(exp, extractor, e.real_split, e.num_real, batch, real)
+    fid = frechet.frechet_distance(*frechet.gaussian_stats(gen['pool']), mu, sigma)
     out[f'eval/fid{tag}'] = float(fid)
   if 'is' in wanted:
     mean, std = scores.inception_score(gen['logits'], splits=e.is_splits)

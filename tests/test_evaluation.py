@@ -103,3 +103,31 @@ def test_cli_eval_writes_labelled_fid(fmnist_classifier, tmp_path):
   assert out[f'eval/fid{tag}'] > 1.0  # two steps of training: far from the data
   assert 'eval/loss' in out and out['eval_config']['num_samples'] == 32
   assert glob.glob(os.path.join(work, 'events.out.tfevents.*'))
+
+
+def test_real_stats_are_streamed_and_a_reference_file_replaces_them(tiny_config, data_dir,
+                                                                   tmp_path):
+  from jaxgen.metrics import frechet
+  cfg, net = eval_config(tiny_config), random_feature_net()
+  shutil.rmtree(os.path.join(data_dir, 'fid_stats'), ignore_errors=True)
+  exp = trainer.Experiment(cfg, workdir=None)
+  extractor = evaluation.Extractor(net, exp.mesh)
+  mu, sigma = evaluation.real_stats(exp, extractor, 'test', 40, 16)  # 40: a partial last batch
+  feats = evaluation.real_features(exp, extractor, 'test', 40, 16)
+  np.testing.assert_allclose(mu, feats['pool'].mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sigma, np.cov(feats['pool'], rowvar=False), rtol=1e-4, atol=1e-7)
+  assert len(glob.glob(os.path.join(data_dir, 'fid_stats', '*_stats.npz'))) == 1
+
+  cfg.eval.update(metrics='fid', num_real=40)
+  params = exp.init_state().ema_params
+  tag = '[random_fmnist_cnn]'
+  computed = evaluation.sample_metrics(exp, params, net=net)[f'eval/fid{tag}']
+  same, shifted = str(tmp_path / 'same.npz'), str(tmp_path / 'shifted.npz')
+  frechet.save_stats(same, mu, sigma)
+  frechet.save_stats(shifted, mu + 1.0, sigma)
+  cfg.eval.reference_stats = same
+  assert evaluation.sample_metrics(exp, params, net=net)[f'eval/fid{tag}'] == pytest.approx(
+      computed, rel=1e-6)
+  cfg.eval.reference_stats = shifted
+  assert evaluation.sample_metrics(exp, params, net=net)[f'eval/fid{tag}'] != pytest.approx(
+      computed, rel=1e-3)
