@@ -31,22 +31,8 @@ def load_config(path, arg):
   return module.get_config(arg)
 
 
-_CLASSIFIER_TRAINING = {}
-
-
-def _start_classifier_training(path):
-  """Starts training the Fashion-MNIST feature network into `path` in the background: it
-  takes about a minute of mostly one core, which the other tests' compilations leave idle."""
-  log = open(os.path.join(path, 'fmnist_classifier_cli.log'), 'w')
-  cmd = [sys.executable, '-m', 'jaxgen.metrics.fmnist_net', f'--data_dir={path}']
-  # Without FAST_XLA_FLAGS: unoptimised XLA code would run its steps about 3x slower.
-  _CLASSIFIER_TRAINING.update(log=log, proc=subprocess.Popen(
-      cmd, cwd=REPO, env=dict(os.environ, XLA_FLAGS=''), stdout=log,
-      stderr=subprocess.STDOUT, text=True))
-
-
 @pytest.fixture(scope='session')
-def data_dir(tmp_path_factory, request):
+def data_dir(tmp_path_factory):
   """Fashion-MNIST prepared once per session into a temp dir (and exported for subprocesses)."""
   from jaxgen.data import default_data_config, prepare_dataset
   path = str(tmp_path_factory.mktemp('tfds'))
@@ -54,14 +40,7 @@ def data_dir(tmp_path_factory, request):
   cfg.data_dir = path
   prepare_dataset(cfg)
   os.environ['JAXGEN_DATA_DIR'] = path
-  if any('fmnist_classifier' in getattr(item, 'fixturenames', ())
-         for item in request.session.items):
-    _start_classifier_training(path)
-  yield path
-  proc = _CLASSIFIER_TRAINING.get('proc')
-  if proc is not None and proc.poll() is None:
-    proc.kill()
-    proc.wait()
+  return path
 
 
 @pytest.fixture
@@ -106,16 +85,12 @@ def fmnist_classifier(data_dir):
   import types
   from jaxgen.data import default_data_config
   from jaxgen.metrics import fmnist_net
-  if 'proc' not in _CLASSIFIER_TRAINING:  # normally started by the data_dir fixture
-    _start_classifier_training(data_dir)
-  proc = _CLASSIFIER_TRAINING['proc']
-  proc.wait(timeout=600)
-  _CLASSIFIER_TRAINING['log'].close()
-  with open(os.path.join(data_dir, 'fmnist_classifier_cli.log')) as f:
-    stdout = f.read()
-  assert proc.returncode == 0, stdout[-3000:]
+  cmd = [sys.executable, '-m', 'jaxgen.metrics.fmnist_net', f'--data_dir={data_dir}']
+  proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, XLA_FLAGS=''), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   cfg = default_data_config()
   cfg.data_dir = data_dir
   variables, accuracy = fmnist_net.read_classifier_file(fmnist_net.classifier_path(cfg))
-  return types.SimpleNamespace(variables=variables, accuracy=accuracy, stdout=stdout,
+  return types.SimpleNamespace(variables=variables, accuracy=accuracy, stdout=proc.stdout,
                                data_config=cfg)
