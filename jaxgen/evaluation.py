@@ -16,6 +16,7 @@ feature network and cached, or read from `eval.reference_stats` (a .npz with 'mu
 'sigma', e.g. converted standard ImageNet statistics).
 """
 import dataclasses
+import functools
 import hashlib
 import os
 from typing import Any, Callable
@@ -67,6 +68,7 @@ class FeatureNet:
   variables: Any
   apply: Callable
 
+  @functools.cached_property
   def fingerprint(self):
     """Short hash of the weights: cached real features never outlive the net that made them."""
     h = hashlib.sha1()
@@ -108,7 +110,7 @@ def _cache_path(exp, net, split, num, kind):
   d = exp.config.data
   size = f'{d.image_size}x{d.image_size}x{d.channels}'
   return os.path.join(os.path.expanduser(str(d.data_dir)), 'fid_stats',
-                      f'{d.name}_{split}_{num}_{size}_{net.name}_{net.fingerprint()}_{kind}.npz')
+                      f'{d.name}_{split}_{num}_{size}_{net.name}_{net.fingerprint}_{kind}.npz')
 
 
 def _real_batches(exp, extractor, split, num, batch_size):
@@ -144,7 +146,7 @@ def real_stats(exp, extractor, split, num, batch_size, features=None):
   """(mu, sigma) of the real pool features: a reference-statistics file computed once per
   dataset split and feature network (streamed, so no features are kept), or `features`'."""
   net, d = extractor.net, exp.config.data
-  meta = dict(feature_net=net.name, weights=net.fingerprint(), dataset=d.name, split=split,
+  meta = dict(feature_net=net.name, weights=net.fingerprint, dataset=d.name, split=split,
               num_examples=num, image_size=d.image_size, channels=d.channels)
 
   def compute():
@@ -162,7 +164,10 @@ def generated_features(exp, extractor, params, num, batch_size, seed):
   classes = exp.config.data.num_classes
   local = batch_size // jax.process_count()
   first = jax.process_index() * local  # processes hold consecutive rows of the global batch
-  sample = jax.jit(exp.family.sample, out_shardings=sharding.batch_sharding(exp.mesh))
+  if not hasattr(exp, '_eval_sample_fn'):  # one compilation for every periodic eval
+    exp._eval_sample_fn = jax.jit(exp.family.sample,
+                                  out_shardings=sharding.batch_sharding(exp.mesh))
+  sample = exp._eval_sample_fn
   chunks = []
   with exp.context():
     for i in range(-(-num // batch_size)):
@@ -180,10 +185,13 @@ def sample_metrics(exp, params, net=None):
   wanted = [m for m in metric_names(e) if m in SAMPLE_METRICS]
   if not wanted:
     return {}
-  net = net or load_feature_net(e, c.data)
+  net = net or getattr(exp, '_eval_net', None) or load_feature_net(e, c.data)
+  exp._eval_net = net
   batch = e.batch_size or c.batch_size
   sharding.check_batch(batch, exp.mesh, what='eval.batch_size')
-  extractor = Extractor(net, exp.mesh)
+  if getattr(exp, '_eval_extractor', None) is None or exp._eval_extractor.net is not net:
+    exp._eval_extractor = Extractor(net, exp.mesh)  # compiled once across periodic evals
+  extractor = exp._eval_extractor
   gen = generated_features(exp, extractor, params, e.num_samples, batch, e.seed)
   real = real_features(exp, extractor, e.real_split, e.num_real, batch) if 'pr' in wanted else None
   out, tag = {}, f'[{net.name}]'
