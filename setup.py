@@ -17,6 +17,7 @@ setup(
         'grain>=0.2.15',
         'tensorflow-datasets>=4.9.9',
         'tensorboardX>=2.6',
+        'sentencepiece>=0.2',
         'importlib_resources',  # TFDS needs it to prepare datasets
         'numpy',
         'pillow',

@@ -1,4 +1,6 @@
-"""Sampling toolkit shared by the families: guidance wrappers around a network."""
+"""Sampling toolkit shared by the families: guidance wrappers and the compiled
+autoregressive token sampler (KV cache, lax.scan) with its uncached reference."""
+import jax
 import jax.numpy as jnp
 
 
@@ -22,3 +24,55 @@ def classifier_free_guidance(apply_fn, labels, null_label, scale):
 def class_grid_labels(num_classes, per_class):
   """Labels for a grid with one row per class: [0]*per_class + [1]*per_class + ..."""
   return jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), per_class)
+
+
+# ----------------------------------------------------------------------------
+# Autoregressive token sampling (LM, VIM, FlexTok AR)
+# ----------------------------------------------------------------------------
+def sample_token(logits, rng, temperature=1.0, top_k=0):
+  """One token per row of logits [B, V]: greedy at temperature 0, else softmax(logits / T)
+  restricted to the top_k largest (0 = all)."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(step_fn, cache, prompt, num_new, rng, *, temperature=1.0, top_k=0):
+  """Continues `prompt` [B, P] by `num_new` tokens with a KV cache; returns [B, P + num_new].
+
+  step_fn(cache, tokens [B, n]) -> (logits [B, n, V], cache) appends n tokens to the cache.
+  The prompt is prefilled in one call, then one lax.scan step per new token, so the whole
+  loop compiles once for given shapes. Token t is drawn with fold_in(rng, t), as in
+  `generate_uncached`.
+  """
+  p = prompt.shape[1]
+  logits, cache = step_fn(cache, prompt)
+  first = sample_token(logits[:, -1], jax.random.fold_in(rng, p), temperature, top_k)
+
+  def step(carry, t):
+    cache, token = carry
+    logits, cache = step_fn(cache, token[:, None])
+    nxt = sample_token(logits[:, -1], jax.random.fold_in(rng, t), temperature, top_k)
+    return (cache, nxt), token
+
+  (_, last), tokens = jax.lax.scan(step, (cache, first), p + 1 + jnp.arange(num_new - 1))
+  new = jnp.concatenate([tokens.T, last[:, None]], axis=1) if num_new > 1 else last[:, None]
+  return jnp.concatenate([prompt, new], axis=1)
+
+
+def generate_uncached(logits_fn, prompt, num_new, rng, *, temperature=1.0, top_k=0):
+  """The reference for `generate`: recomputes logits_fn(tokens [B, P + num_new]) -> [B, T, V]
+  over the whole (causal) buffer for every new token. O(T) times the work; for tests."""
+  b, p = prompt.shape
+  buffer = jnp.concatenate([prompt, jnp.zeros((b, num_new), prompt.dtype)], axis=1)
+
+  def step(t, buffer):
+    logits = jax.lax.dynamic_index_in_dim(logits_fn(buffer), t - 1, axis=1, keepdims=False)
+    token = sample_token(logits, jax.random.fold_in(rng, t), temperature, top_k)
+    return jax.lax.dynamic_update_index_in_dim(buffer, token.astype(buffer.dtype), t, axis=1)
+
+  return jax.lax.fori_loop(p, p + num_new, step, buffer)

@@ -74,21 +74,19 @@ class Experiment:
     return self.family.make_iterator(split, global_batch_size=self.config.batch_size,
                                      seed=seed, train=train)
 
-  def sample_images(self, params, step, name=None):
-    """Class-conditional samples with `params` (the EMA), written as a labelled PNG grid
-    to samples/<name>.png (default step_<step>)."""
-    labels = self.family.sample_labels()
+  def write_samples(self, params, step, writer=None, name=None):
+    """Samples with `params` (the EMA) from the family's sample inputs (class labels, prompts)
+    and saves them as the family renders them (a labelled PNG grid, a text file) under
+    samples/<name> (default step_<step>); returns the saved file's path."""
+    inputs = self.family.sample_inputs()
     if not hasattr(self, '_sample_fn'):
       self._sample_fn = jax.jit(self.family.sample, out_shardings=NamedSharding(self.mesh, P()))
     rng = jax.random.PRNGKey(self.config.sample.seed)
     with self.context():
-      images = np.asarray(jax.device_get(self._sample_fn(params, rng, labels)))
-    rows = self.config.data.num_classes if self.config.sample.get('per_class') else 1
-    grid = writers.image_grid(images, rows, row_labels=self.family.row_names())
-    path = os.path.join(self.workdir, 'samples', (name or f'step_{step:07d}') + '.png')
-    if self.is_primary:
-      writers.save_png(grid, path)
-    return path, grid
+      outputs = np.asarray(jax.device_get(self._sample_fn(params, rng, inputs)))
+    stem = os.path.join(self.workdir, 'samples', name or f'step_{step:07d}')
+    return self.family.write_samples(outputs, stem, writer if self.is_primary else None, step,
+                                     save=self.is_primary)
 
   def evaluate(self, params):
     """The metrics named by config.eval.metrics for `params` (the EMA): see evaluation.py."""
@@ -192,8 +190,7 @@ def _train_loop(exp, ckpt):
                           step, ckpt)
           ckpt.save(step, state, data_iter.get_state(), c)
         if (c.sample_every and step % c.sample_every == 0) or last:
-          _, grid = exp.sample_images(state.ema_params, step)
-          writer.write_images(step, {'samples': grid})
+          exp.write_samples(state.ema_params, step, writer)
         if c.eval_every and step % c.eval_every == 0 or (last and c.eval_every):
           writer.write_scalars(step, exp.evaluate(state.ema_params))
         if stop:
@@ -230,8 +227,7 @@ def sample(config, workdir):
   s = config.sample
   # Named by the sampler settings, so sampling never overwrites training's grids.
   name = f'sample_step{step}_{s.method}{s.num_steps}_cfg{s.cfg_scale:g}'
-  path, _ = exp.sample_images(params, step, name)
-  return path
+  return exp.write_samples(params, step, name=name)
 
 
 def info(config, workdir=None):

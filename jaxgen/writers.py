@@ -35,6 +35,9 @@ class JsonlWriter:
   def write_images(self, step, images):
     del step, images  # images go to TensorBoard and PNG files
 
+  def write_texts(self, step, texts):
+    del step, texts  # texts go to TensorBoard and .txt files
+
   def write_hparams(self, hparams):
     del hparams  # saved as config.json
 

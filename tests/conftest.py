@@ -94,3 +94,24 @@ def fmnist_classifier(data_dir):
   variables, accuracy = fmnist_net.read_classifier_file(fmnist_net.classifier_path(cfg))
   return types.SimpleNamespace(variables=variables, accuracy=accuracy, stdout=proc.stdout,
                                data_config=cfg)
+
+
+@pytest.fixture(scope='session')
+def text_data_dir(tmp_path_factory):
+  """The Shakespeare text dataset prepared once per session into a temp dir."""
+  from jaxgen.data import text
+  path = str(tmp_path_factory.mktemp('text_tfds'))
+  cfg = text.text_data_config()
+  cfg.data_dir = path
+  text.prepare(cfg)
+  return path
+
+
+@pytest.fixture
+def tiny_lm_config(text_data_dir):
+  """configs/lexinvariant.py:tiny,<mode> reading the session's prepared Shakespeare."""
+  def make(mode='lexinvariant'):
+    cfg = load_config('configs/lexinvariant.py', f'tiny,{mode}')
+    cfg.data.data_dir = text_data_dir
+    return cfg
+  return make

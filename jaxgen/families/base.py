@@ -7,7 +7,7 @@ import abc
 
 import jax
 
-from jaxgen import data, sampling
+from jaxgen import data, sampling, writers
 
 
 class FamilyBase(abc.ABC):
@@ -26,8 +26,9 @@ class FamilyBase(abc.ABC):
     """(scalar loss, dict of scalar metrics) for a global batch."""
 
   @abc.abstractmethod
-  def sample(self, params, rng, labels):
-    """Jittable: images in [-1, 1] for the given class labels."""
+  def sample(self, params, rng, inputs):
+    """Jittable: samples for `sample_inputs()` (images in [-1, 1] for class labels; tokens
+    for prompts)."""
 
   @abc.abstractmethod
   def flops_per_example(self, train=True):
@@ -48,6 +49,21 @@ class FamilyBase(abc.ABC):
 
   def row_names(self):
     return None
+
+  def sample_inputs(self):
+    """What `sample` conditions on for the periodic samples (image families: class labels)."""
+    return self.sample_labels()
+
+  def write_samples(self, outputs, stem, writer, step, save=True):
+    """Saves sampler outputs (images in [-1, 1]) as a PNG grid, one row per class, to
+    stem + '.png' and to `writer`; returns the path."""
+    rows = self.config.data.num_classes if self.config.sample.get('per_class') else 1
+    grid = writers.image_grid(outputs, rows, row_labels=self.row_names())
+    if save:
+      writers.save_png(grid, stem + '.png')
+    if writer is not None:
+      writer.write_images(step, {'samples': grid})
+    return stem + '.png'
 
   def make_iterator(self, split, *, global_batch_size, seed, train):
     """Per-process iterator of local batches (dicts of NumPy arrays) with get/set_state."""

@@ -43,10 +43,13 @@ class LayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention; `mask` broadcasts to [batch, heads, q, k].
+  """Multi-head self-attention; `mask` broadcasts to [batch, heads, q, k], `bias` (e.g. T5
+  relative positions) is added to the logits, `rope_positions` [B or 1, q] rotates q and k.
 
-  Projections are explicit [embed, heads, kv] tensors (not DenseGeneral) so their
-  logical names hold for the stored shape.
+  With `decode=True` keys and values go to a 'cache' collection of `cache_len` slots: the
+  call writes its q tokens at `cache_index` and attends over all slots (the caller's mask
+  hides the empty and future ones). Projections are explicit [embed, heads, kv] tensors (not
+  DenseGeneral) so their logical names hold for the stored shape.
   """
   num_heads: int
   qk_norm: bool = False
@@ -61,15 +64,22 @@ class Attention(nn.Module):
     return jnp.einsum('bld,dhk->blhk', x, w.astype(self.dtype)) + b.astype(self.dtype)
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, bias=None, *, rope_positions=None, decode=False,
+               cache_index=None, cache_len=None):
     d = x.shape[-1]
     head_dim = d // self.num_heads
     q, k, v = (self._proj(n, x, head_dim) for n in ('query', 'key', 'value'))
     if self.qk_norm:  # stabilises large models (DiT-MoE XL/G)
       q = LayerNorm(dtype=self.dtype, name='q_norm')(q)
       k = LayerNorm(dtype=self.dtype, name='k_norm')(k)
+    if rope_positions is not None:
+      q, k = apply_rope(q, rope_positions), apply_rope(k, rope_positions)
+    if decode:
+      k, v = self._update_cache(k, v, cache_index, cache_len)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'kv'))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(head_dim)
+    if bias is not None:
+      logits = logits + bias.astype(logits.dtype)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     # Softmax in f32 even under bf16 compute.
@@ -79,6 +89,68 @@ class Attention(nn.Module):
                    (self.num_heads, head_dim, d))
     b = self.param('out_bias', logical(nn.initializers.zeros, ('embed',)), (d,))
     return jnp.einsum('blhk,hkd->bld', out, w.astype(self.dtype)) + b.astype(self.dtype)
+
+  def _update_cache(self, k, v, index, length):
+    """Writes k, v [B, q, H, D] into the cache at `index`; returns the whole cache."""
+    shape = (k.shape[0], length, *k.shape[2:])
+    names = ('batch', 'length', 'heads', 'kv')
+    ck = self.variable('cache', 'key', jnp.zeros, shape, k.dtype)
+    cv = self.variable('cache', 'value', jnp.zeros, shape, v.dtype)
+    at = (0, index, 0, 0)
+    ck.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(ck.value, k, at), names)
+    cv.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(cv.value, v, at), names)
+    return ck.value, cv.value
+
+
+def apply_rope(x, positions, max_wavelength=10000.0):
+  """Rotary position embedding of x [B, L, H, D] at integer `positions` [B or 1, L]
+  (rotates the two halves of the head dimension as pairs)."""
+  half = x.shape[-1] // 2
+  freqs = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., None, None].astype(jnp.float32) * freqs  # [B, L, 1, half]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def t5_relative_buckets(relative_position, *, num_buckets=32, max_distance=128,
+                        bidirectional=False):
+  """T5's bucket of each (key - query) offset: exact for small distances, log-spaced up to
+  max_distance, one bucket beyond. Causal (bidirectional=False) folds future offsets to 0."""
+  n = -relative_position
+  buckets = 0
+  if bidirectional:
+    num_buckets //= 2
+    buckets = (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  large = max_exact + (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) /
+                       math.log(max_distance / max_exact) * (num_buckets - max_exact))
+  large = jnp.minimum(large.astype(jnp.int32), num_buckets - 1)
+  return buckets + jnp.where(n < max_exact, n, large)
+
+
+class RelativePositionBias(nn.Module):
+  """T5 relative position bias: a learned scalar per (bucket, head), [1, H, q, k]."""
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+  bidirectional: bool = False
+
+  @nn.compact
+  def __call__(self, query_positions, key_positions):
+    table = self.param('embedding', logical(nn.initializers.normal(0.1), (None, 'heads')),
+                       (self.num_buckets, self.num_heads))
+    buckets = t5_relative_buckets(key_positions[None, :] - query_positions[:, None],
+                                  num_buckets=self.num_buckets, max_distance=self.max_distance,
+                                  bidirectional=self.bidirectional)
+    # A one-hot matmul, not a gather: the gather's gradient is a scatter-add of q*k values
+    # into a tiny table, which was 3x slower than the whole rest of a CPU training step.
+    one_hot = jax.nn.one_hot(buckets, self.num_buckets, dtype=table.dtype)
+    return jnp.einsum('qkn,nh->hqk', one_hot, table)[None]
 
 
 def xavier_fan(fan_in, fan_out):

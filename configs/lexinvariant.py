@@ -1,0 +1,77 @@
+r"""Lexinvariant language models and their identical standard / semi-lexinvariant baselines.
+
+  python -m jaxgen.main --config=configs/lexinvariant.py:demo,lexinvariant --workdir=workdirs/li
+  python -m jaxgen.main --config=configs/lexinvariant.py:demo,standard --workdir=workdirs/std
+  python -m jaxgen.analysis.lexinvariant perplexity --lexinvariant=workdirs/li \
+      --standard=workdirs/std --out=workdirs/li_eval
+
+Argument: `<variant>[,<embedding>][,rope][,spm]`.
+  variant    tiny (tests, seconds) | demo (char-level Shakespeare, minutes on 2 CPU cores) |
+             150M (the paper's model: 12 layers, 8 heads x 128, MLP 4096, d 1024, length 512,
+             Adafactor, cosine 0.01 -> 0.001, batch 64, 250K steps)
+  embedding  lexinvariant (default) | standard | semi (standard embeddings, a Bernoulli(0.2)
+             share of positions through a per-sequence random vocabulary permutation)
+  rope       rotary positions instead of T5 relative position bias
+  spm        a SentencePiece subword vocabulary (1024; 32k for 150M) trained on the corpus
+             first with `python -m jaxgen.data.tokenizers --vocab_size=N`
+"""
+import ml_collections
+
+from jaxgen import config_base
+from jaxgen.data.text import text_data_config
+from jaxgen.errors import UserError
+
+EMBEDDINGS = ('lexinvariant', 'standard', 'semi')
+VARIANTS = ('tiny', 'demo', '150M')
+
+
+def parse(arg):
+  variant, *opts = arg.split(',')
+  if variant not in VARIANTS:
+    raise UserError(f'unknown lexinvariant variant {variant!r}: use one of {VARIANTS}, e.g. '
+                    'configs/lexinvariant.py:demo,standard')
+  unknown = set(opts) - set(EMBEDDINGS) - {'rope', 'spm'}
+  embeddings = [o for o in opts if o in EMBEDDINGS]
+  if unknown or len(embeddings) > 1:
+    raise UserError(f'bad options {opts} in configs/lexinvariant.py:{arg}: use at most one of '
+                    f'{EMBEDDINGS}, and rope, spm')
+  return variant, (embeddings or ['lexinvariant'])[0], 'rope' in opts, 'spm' in opts
+
+
+def get_config(arg='demo,lexinvariant'):
+  variant, embedding, rope, spm = parse(arg)
+  c = config_base.base_config()
+  c.family = 'lm'
+  c.data = text_data_config(seq_len=256)
+  if spm:
+    c.data.update(tokenizer='spm', vocab_size=32768 if variant == '150M' else 1024)
+  c.model = ml_collections.ConfigDict(dict(
+      embedding=embedding, semi_p=0.2, position='rope' if rope else 't5', width=256, depth=4,
+      num_heads=4, mlp_dim=1024, mlp_kind='gelu', rel_buckets=32, rel_max_distance=128,
+      dtype='float32'))
+  c.sample = ml_collections.ConfigDict(dict(
+      num_prompts=4, prompt_len=64, num_new=128, temperature=0.8, top_k=0, seed=0))
+  c.eval.metrics = 'loss'
+  c.optim.update(ema_decay=0.0, grad_clip=1.0)  # no EMA: evaluate the trained weights
+  if variant == 'tiny':
+    c.data.seq_len = 32
+    c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, rel_buckets=8,
+                   rel_max_distance=16)
+    c.update(total_steps=4, batch_size=8, log_every=1, checkpoint_every=2, progress_bar=False,
+             eval_batches=1)
+    c.sample.update(num_prompts=2, prompt_len=8, num_new=8)
+    c.optim.update(lr=1e-3)
+  elif variant == 'demo':
+    c.data.seq_len = 256
+    c.model.update(width=128, depth=4, num_heads=4, mlp_dim=512)
+    c.update(total_steps=1500, batch_size=32, log_every=50, checkpoint_every=500,
+             sample_every=500, eval_every=500, eval_batches=10)
+    c.optim.update(lr=2e-3, schedule='cosine', warmup_steps=100, end_lr_ratio=0.1)
+  else:  # 150M, the paper's recipe
+    c.data.seq_len = 512
+    c.model.update(width=1024, depth=12, num_heads=8, mlp_dim=4096)
+    c.update(total_steps=250_000, batch_size=64, log_every=100, checkpoint_every=5000,
+             sample_every=10_000, eval_every=10_000)
+    c.optim.update(name='adafactor', lr=0.01, schedule='cosine', end_lr_ratio=0.1,
+                   warmup_steps=0)
+  return c
