@@ -1,0 +1,275 @@
+"""Substitution-cipher deciphering with a frozen character-level lexinvariant LM.
+
+Cipher: a random bijection from the 26 lowercase letters to 26 distinct ASCII code points that
+never occur in the corpus (train + test); every other character is kept. Each sequence gets a
+fresh key. A lexinvariant LM cannot tell a cipher symbol from the letter it replaces by its
+embedding (every sequence has a fresh random table anyway), only by its use in context.
+
+Probe: a 2-layer GELU MLP on the frozen LM's final hidden state at each position, its output
+decoded with its own learned embedding table [128, probe_dim], trained with Adam to predict
+the true plaintext character at that position, on enciphered train windows (fresh key and
+random tables per window). Only the probe's parameters are optimised.
+
+Score (the paper's): over a `window`-character window, each cipher symbol's predicted letter is
+the majority vote of the probe's predictions at its occurrences (ties: the smallest code
+point); key precision is the fraction of the window's cipher symbols whose vote is the right
+letter, averaged over test sequences and plotted against the window start. The classical
+reference decipherer ranks the window's cipher symbols by count (ties: first occurrence) and
+maps them to the lowercase letters ranked by train-split frequency (ties: alphabetical).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgen.analysis import lm_eval, plots
+from jaxgen.errors import UserError
+
+VOCAB = 128  # the char tokenizer's ids are the ASCII code points
+LETTERS = np.arange(ord('a'), ord('z') + 1)
+
+
+def check_model(family):
+  """The probe needs a char-level lexinvariant model."""
+  if family.config.data.tokenizer != 'char':
+    raise UserError('the cipher evaluation needs a character-level model (--config.data.'
+                    f'tokenizer=char), got tokenizer {family.config.data.tokenizer!r}')
+  if family.mode != 'lexinvariant':
+    raise UserError(f'the cipher evaluation probes a lexinvariant model, got a {family.mode!r} '
+                    'one (pass a workdir trained with configs/lexinvariant.py:<variant>,'
+                    'lexinvariant)')
+
+
+# ----------------------------------------------------------------------------- the cipher
+
+
+def unused_symbols(*streams):
+  """Code points in [0, 128) that occur in none of the token streams."""
+  used = np.zeros(VOCAB, bool)
+  for s in streams:
+    used[np.unique(s)] = True
+  return np.flatnonzero(~used)
+
+
+def make_key(rng, symbols):
+  """key [26]: letter chr(97 + i) is enciphered as key[i], distinct symbols from `symbols`."""
+  if len(symbols) < len(LETTERS):
+    raise UserError(f'only {len(symbols)} ASCII code points never occur in the corpus; a '
+                    f'substitution cipher of the 26 lowercase letters needs 26')
+  return rng.choice(np.asarray(symbols), len(LETTERS), replace=False).astype(np.int32)
+
+
+def encipher(tokens, key):
+  """tokens [..] with each lowercase letter replaced by its cipher symbol."""
+  table = np.arange(VOCAB)
+  table[LETTERS] = key
+  return table[np.asarray(tokens)].astype(np.int32)
+
+
+def letter_order(tokens):
+  """The 26 lowercase letters, most frequent in `tokens` first (ties alphabetical)."""
+  counts = np.bincount(np.asarray(tokens), minlength=VOCAB)[LETTERS]
+  return LETTERS[np.argsort(-counts, kind='stable')]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _symbol_index(cipher, key):
+  """For each position, the index of its cipher symbol in `key` (-1 for plain characters)."""
+  index = np.full(VOCAB, -1)
+  index[key] = np.arange(len(key))
+  return index[np.asarray(cipher)]
+
+
+def key_precision(cipher, predictions, key):
+  """Majority-vote key precision over one window: cipher and predicted characters [W]."""
+  sym = _symbol_index(cipher, key)
+  at = sym >= 0
+  votes = np.zeros((len(key), VOCAB), int)
+  np.add.at(votes, (sym[at], np.asarray(predictions)[at]), 1)
+  present = votes.sum(1) > 0
+  if not present.any():
+    return float('nan')
+  return float(np.mean(votes.argmax(1)[present] == LETTERS[present]))
+
+
+def frequency_precision(cipher, key, order):
+  """Key precision of the frequency decipherer over one window (order: letter_order)."""
+  sym = _symbol_index(cipher, key)
+  sym = sym[sym >= 0]
+  if not len(sym):
+    return float('nan')
+  present, first, counts = np.unique(sym, return_index=True, return_counts=True)
+  ranked = present[np.lexsort((first, -counts))]  # by count, then by first occurrence
+  guess = np.asarray(order)[:len(ranked)]
+  return float(np.mean(guess == LETTERS[ranked]))
+
+
+def window_starts(seq_len, window, stride):
+  return list(range(0, seq_len - window + 1, stride))
+
+
+def window_precisions(cipher, predictions, key, order, starts, window):
+  """(probe, frequency) key precision [S] at each window start of one sequence."""
+  probe = [key_precision(cipher[s:s + window], predictions[s:s + window], key) for s in starts]
+  freq = [frequency_precision(cipher[s:s + window], key, order) for s in starts]
+  return np.array(probe), np.array(freq)
+
+
+# ----------------------------------------------------------------------------- the probe
+
+
+class Probe(nn.Module):
+  """Hidden states [.., d] -> logits [.., vocab] through a 2-layer GELU MLP and its own
+  learned (non-random) embedding table."""
+  hidden: int
+  dim: int
+  vocab: int = VOCAB
+
+  @nn.compact
+  def __call__(self, h):
+    x = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.hidden)(h)))
+    table = self.param('embedding', nn.initializers.normal(self.dim ** -0.5),
+                       (self.vocab, self.dim))
+    return x @ table.T
+
+
+def _hidden(family, lm_params, tokens, tables):
+  """The frozen LM's final hidden states [B, L, d]."""
+  _, h = family.apply(jax.lax.stop_gradient(lm_params), tokens, tables, return_hidden=True)
+  return jax.lax.stop_gradient(h)
+
+
+def _enciphered_batch(rng, stream, length, batch, symbols):
+  """Random train windows of `length`: (plaintext, ciphertext) [B, L], a fresh key each."""
+  starts = rng.integers(0, len(stream) - length + 1, batch)
+  plain = np.stack([stream[s:s + length] for s in starts]).astype(np.int32)
+  cipher = np.stack([encipher(p, make_key(rng, symbols)) for p in plain])
+  return plain, cipher
+
+
+def train_probe(family, lm_params, train_stream, symbols, *, steps, batch_size=8, hidden=256,
+                dim=64, lr=1e-3, seed=0, num_points=10):
+  """(probe, probe params, loss curve [(step, mean loss)] at ~num_points points)."""
+  length = family.config.data.seq_len
+  probe = Probe(hidden, dim)
+  tx = optax.adam(lr)
+  h0 = jnp.zeros((1, 1, family.config.model.width))
+  probe_params = jax.jit(lambda k: probe.init(k, h0)['params'])(jax.random.PRNGKey(seed))
+
+  @jax.jit
+  def step(probe_params, opt_state, lm_params, plain, cipher, table_key):
+    h = _hidden(family, lm_params, cipher, family.tables(table_key, cipher.shape[0]))
+
+    def loss_fn(p):
+      logits = probe.apply({'params': p}, h)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, plain).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(probe_params)
+    updates, opt_state = tx.update(grads, opt_state, probe_params)
+    return optax.apply_updates(probe_params, updates), opt_state, loss
+
+  rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
+  opt_state, losses = jax.jit(tx.init)(probe_params), []
+  for i in range(steps):
+    plain, cipher = _enciphered_batch(rng, train_stream, length, batch_size, symbols)
+    probe_params, opt_state, loss = step(probe_params, opt_state, lm_params, plain, cipher,
+                                         jax.random.fold_in(base, i))
+    losses.append(loss)
+  losses = np.asarray(jax.device_get(losses), np.float64)
+  chunks = np.array_split(np.arange(steps), min(num_points, steps)) if steps else []
+  curve = [(int(c[-1]) + 1, float(losses[c].mean())) for c in chunks]
+  return probe, probe_params, curve
+
+
+def predict(family, lm_params, probe, probe_params, cipher, *, batch_size=16, seed=0):
+  """The probe's argmax character [N, L] for ciphertexts [N, L]; row i's random table from
+  fold_in(PRNGKey(seed), i)."""
+
+  @jax.jit  # parameters as arguments, not constants baked into the executable
+  def batch(lm_params, probe_params, ids, tokens):
+    tables = lm_eval.example_tables(family, jax.random.PRNGKey(seed), ids)
+    logits = probe.apply({'params': probe_params}, _hidden(family, lm_params, tokens, tables))
+    return jnp.argmax(logits, -1)
+
+  out = []
+  for idx, real in lm_eval.padded_batches(len(cipher), batch_size):
+    out.append(np.asarray(batch(lm_params, probe_params, idx, cipher[idx]))[:real])
+  return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=100, stride=10,
+             probe_batch=8, probe_hidden=256, probe_dim=64, probe_lr=1e-3, batch_size=16,
+             seed=0):
+  """Trains the probe, deciphers `num_sequences` enciphered test windows; the result dict.
+
+  The window is clipped to the model's seq_len (the paper: 100 characters of 512)."""
+  check_model(family)
+  d = family.config.data
+  train = lm_eval.split_tokens(d, d.get('train_split', 'train'))
+  test = lm_eval.split_tokens(d, d.get('test_split', 'test'))
+  symbols = unused_symbols(train, test)
+  order = letter_order(train)
+  window = min(window, d.seq_len)
+  starts = window_starts(d.seq_len, window, stride)
+
+  probe, probe_params, curve = train_probe(
+      family, lm_params, train, symbols, steps=probe_steps, batch_size=probe_batch,
+      hidden=probe_hidden, dim=probe_dim, lr=probe_lr, seed=seed)
+
+  plain = lm_eval.windows(test, d.seq_len, num_sequences)
+  rng = np.random.default_rng(seed + 1)  # test keys, unlike any training key sequence
+  keys = np.stack([make_key(rng, symbols) for _ in plain])
+  cipher = np.stack([encipher(p, k) for p, k in zip(plain, keys)])
+  pred = predict(family, lm_params, probe, probe_params, cipher, batch_size=batch_size,
+                 seed=seed + 2)
+  probe_prec, freq_prec = zip(*[window_precisions(c, p, k, order, starts, window)
+                                for c, p, k in zip(cipher, pred, keys)])
+  probe_prec, freq_prec = np.nanmean(probe_prec, 0), np.nanmean(freq_prec, 0)
+  letter = np.isin(plain, LETTERS)
+  correct = pred == plain
+  return {
+      'num_sequences': len(plain), 'seq_len': d.seq_len, 'window': window, 'stride': stride,
+      'seed': seed, 'num_unused_symbols': len(symbols), 'cipher_symbols': symbols,
+      'letter_order': ''.join(map(chr, order)),
+      'window_starts': starts,
+      'precision': {'probe': probe_prec, 'frequency': freq_prec},
+      'first_window': {'probe': probe_prec[0], 'frequency': freq_prec[0]},
+      'last_window': {'probe': probe_prec[-1], 'frequency': freq_prec[-1]},
+      'probe': {'steps': probe_steps, 'batch_size': probe_batch, 'hidden': probe_hidden,
+                'dim': probe_dim, 'lr': probe_lr, 'train_loss': curve,
+                'accuracy_enciphered': float(correct[letter].mean()) if letter.any() else None,
+                'accuracy_plain': float(correct[~letter].mean()) if (~letter).any() else None,
+                'accuracy_all': float(correct.mean())},
+  }
+
+
+def figure(result):
+  x = result['window_starts']
+  p = result['probe']
+  title = (f"Cipher key precision ({result['num_sequences']} test sequences, "
+           f"{result['window']}-char windows, probe {p['steps']} steps)")
+  return plots.line_plot({'probe (majority vote)': (x, result['precision']['probe']),
+                          'frequency ranks': (x, result['precision']['frequency'])},
+                         title=title, xlabel='window start (characters)',
+                         ylabel='key precision', ylim=(0.0, 1.0))
+
+
+def summary_lines(result):
+  f, l, p = result['first_window'], result['last_window'], result['probe']
+  acc = p['accuracy_enciphered']
+  return [f"cipher: key precision, first window probe {f['probe']:.3f} / frequency "
+          f"{f['frequency']:.3f}; last window probe {l['probe']:.3f} / frequency "
+          f"{l['frequency']:.3f}",
+          f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
+          f"final train loss {p['train_loss'][-1][1] if p['train_loss'] else float('nan'):.3f}"]
+
+
+def run(family, lm_params, **kwargs):
+  result = evaluate(family, lm_params, **kwargs)
+  return result, figure(result)

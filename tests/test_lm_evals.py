@@ -1,0 +1,298 @@
+"""Lexinvariant LM evaluations: cipher scoring, reasoning tasks, perplexity curves and the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, cli_env, load_config
+from jaxgen import trainer
+from jaxgen.analysis import cipher, lexinvariant, lm_eval, lm_perplexity, plots, reasoning
+from jaxgen.data import tokenizers
+from jaxgen.errors import UserError
+
+CHAR = tokenizers.CharTokenizer()
+
+
+@pytest.fixture(scope='module')
+def workdirs(text_data_dir, tmp_path_factory):
+  """Workdirs of a tiny lexinvariant and a tiny standard model as trainer.train leaves them
+  (config.json, an orbax checkpoint), holding initial parameters: training steps would only
+  add compile time, and no test here depends on what the models learned."""
+  root = tmp_path_factory.mktemp('lm_evals')
+  out = {}
+  for mode in ('lexinvariant', 'standard'):
+    cfg = load_config('configs/lexinvariant.py', f'tiny,{mode}')
+    cfg.data.data_dir = text_data_dir
+    out[mode] = str(root / mode)
+    exp = trainer.Experiment(cfg, out[mode])
+    os.makedirs(out[mode])
+    with open(os.path.join(out[mode], 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+    with exp.checkpointer() as ckpt:
+      ckpt.save(0, exp.init_state(), {}, cfg)
+  return out
+
+
+@pytest.fixture(scope='module')
+def models(workdirs):
+  return {m: lm_eval.load_trained(w) for m, w in workdirs.items()}
+
+
+# ----------------------------------------------------------------------------- cipher
+
+
+def test_majority_vote_key_precision_on_a_hand_computed_example():
+  key = np.arange(26) + 1  # 'a' -> 1, 'b' -> 2, 'c' -> 3, ...
+  #               a  b  a  ' '  a  c  b      (plaintext)
+  cipher_tokens = [1, 2, 1, 32, 1, 3, 2]
+  predictions = [ord(c) for c in 'axb acy']
+  # a: votes a, b, a -> 'a' right; b: votes x, y, a tie -> the smaller code point 'x', wrong;
+  # c: 'c' right. The plain space is no cipher symbol and does not count.
+  assert cipher.key_precision(cipher_tokens, predictions, key) == pytest.approx(2 / 3)
+  # Windows [0:3] (a: a/b tie -> 'a' right, b wrong) and [4:7] (a, c right, b wrong).
+  probe, _ = cipher.window_precisions(np.array(cipher_tokens), np.array(predictions), key,
+                                      cipher.LETTERS, [0, 4], 3)
+  np.testing.assert_allclose(probe, [1 / 2, 2 / 3])
+  assert np.isnan(cipher.key_precision([32, 33], [97, 98], key))  # no cipher symbol
+
+
+def test_enciphering_is_a_bijection_of_lowercase_letters_to_unused_symbols(models):
+  family = models['lexinvariant'][0]
+  d = family.config.data
+  train, test = (lm_eval.split_tokens(d, s) for s in ('train', 'test'))
+  unused = cipher.unused_symbols(train, test)
+  assert len(unused) >= 26 and not np.isin(unused, np.concatenate([train, test])).any()
+  assert not np.isin(np.arange(ord('a'), ord('z') + 1), unused).any()
+  key = cipher.make_key(np.random.default_rng(0), unused)
+  assert len(set(key.tolist())) == 26 and np.isin(key, unused).all()
+  plain = test[:5000]
+  enciphered = cipher.encipher(plain, key)
+  lower = np.isin(plain, cipher.LETTERS)
+  assert lower.sum() > 1000
+  np.testing.assert_array_equal(enciphered[~lower], plain[~lower])
+  np.testing.assert_array_equal(enciphered[lower], key[plain[lower] - ord('a')])
+  assert not np.isin(enciphered[lower], np.concatenate([train, test])).any()
+  inverse = dict(zip(key.tolist(), cipher.LETTERS.tolist()))
+  np.testing.assert_array_equal([inverse.get(t, t) for t in enciphered.tolist()], plain)
+  assert not np.array_equal(key, cipher.make_key(np.random.default_rng(1), unused))
+  with pytest.raises(UserError, match='needs 26'):
+    cipher.make_key(np.random.default_rng(0), unused[:25])
+
+
+def test_frequency_decipherer_is_perfect_when_letter_ranks_match():
+  rng = np.random.default_rng(0)
+  order = rng.permutation(cipher.LETTERS)
+  # Letter of rank r occurs 30 - r times: distinct counts, so the ranks are unambiguous.
+  text = np.concatenate([np.full(30 - r, c) for r, c in enumerate(order)] + [np.full(80, 32)])
+  text = rng.permutation(text)
+  np.testing.assert_array_equal(cipher.letter_order(text), order)
+  key = cipher.make_key(rng, np.arange(26) + 1)
+  enc = cipher.encipher(text, key)
+  assert cipher.frequency_precision(enc, key, order) == 1.0
+  swapped = order.copy()
+  swapped[[3, 4]] = swapped[[4, 3]]
+  assert cipher.frequency_precision(enc, key, swapped) == pytest.approx(24 / 26)
+
+
+def test_cipher_refuses_standard_models(models):
+  with pytest.raises(UserError, match='lexinvariant'):
+    cipher.check_model(models['standard'][0])
+
+
+# ----------------------------------------------------------------------------- reasoning
+
+
+def test_paper_examples_are_solved_by_the_oracle():
+  vocab = reasoning.task_vocab(CHAR, 128)
+  for task, prompt, answer in (('lookup', 'A->2 C->4 G->5 C->', '4'),
+                               ('permutation', 'A 2 C->C A 4 1 D->', 'D 4')):
+    assert CHAR.decode(reasoning.oracle(task, CHAR.encode(prompt), vocab)) == answer
+
+
+@pytest.mark.parametrize('task', reasoning.TASKS)
+def test_reasoning_prompts_oracle_and_scoring(task):
+  vocab = reasoning.task_vocab(CHAR, 128)
+  excluded = [ord(c) for c in '-> \n']
+  assert len(vocab.symbols) == 124 and not np.isin(excluded, vocab.symbols).any()
+  prompts, answers = reasoning.make_task(task, 200, vocab, seed=1)
+  n, p = prompts.shape
+  a = answers.shape[1]
+  text = [CHAR.decode(row) for row in prompts]
+  if task == 'lookup':  # "k->v k->v k->v q->": the query is a key, the answer its value
+    assert p == 18 and a == 1
+    for row, ans in zip(prompts, answers):
+      keys, values = row[0:15:5], row[3:15:5]
+      assert len(set(keys.tolist())) == 3 and row[15] in keys
+      assert ans[0] == values[keys.tolist().index(row[15])]
+      np.testing.assert_array_equal(row[[1, 2, 4, 6, 7, 9, 11, 12, 14, 16, 17]],
+                                    [ord(c) for c in '-> -> -> ->'])
+    symbols = prompts[:, [0, 3, 5, 8, 10, 13, 15]]
+  else:  # "x y z->z x u v w->" -> "w u": one rule maps demo and query
+    assert p == 18 and a == 3
+    assert all(t[1] == t[3] == ' ' and t[5:7] == '->' for t in text)
+    for row, ans in zip(prompts, answers):
+      demo_in, demo_out, query = row[0:5:2], row[7:10:2], row[11:16:2]
+      rule = [demo_in.tolist().index(t) for t in demo_out]
+      np.testing.assert_array_equal(ans, [query[rule[0]], 32, query[rule[1]]])
+    symbols = prompts[:, [0, 2, 4, 7, 9, 11, 13, 15]]
+  assert np.isin(symbols, vocab.symbols).all() and len(np.unique(symbols)) > 100
+  assert len({t for t in text}) == n  # examples differ
+
+  assert reasoning.score(reasoning.oracle_generator(task, vocab), prompts, answers)[0] == 1.0
+  # A perfect model stub: logits that put the oracle's answer token at each answer slot. One
+  # batch of all examples, so the stub can close over their answers.
+  oracle = np.array([reasoning.oracle(task, row, vocab) for row in prompts])
+
+  def perfect(tokens):
+    logits = np.zeros((n, tokens.shape[1], 128), np.float32)
+    logits[np.arange(n)[:, None], p - 1 + np.arange(a), oracle] = 10.0
+    return logits
+
+  constant = lambda tokens: np.zeros((n, tokens.shape[1], 128), np.float32) + (
+      np.arange(128) == ord('a'))
+  acc, preds = reasoning.score(reasoning.logits_generator(perfect, a), prompts, answers, n)
+  assert acc == 1.0 and preds.shape == answers.shape
+  assert reasoning.score(reasoning.logits_generator(constant, a), prompts, answers, n)[0] < 0.05
+  chance = reasoning.score(reasoning.random_generator(128, a), prompts, answers)[0]
+  assert chance < 0.03
+
+
+def test_uniform_guesser_scores_about_one_over_the_vocabulary():
+  vocab = reasoning.task_vocab(CHAR, 128)
+  prompts, answers = reasoning.make_task('lookup', 4000, vocab)
+  acc = reasoning.score(reasoning.random_generator(128, 1, seed=3), prompts, answers)[0]
+  assert abs(acc - 1 / 128) < 0.004
+
+
+def test_models_are_scored_with_the_kv_cache_sampler(models):
+  family, params, _, _ = models['lexinvariant']
+  vocab = reasoning.task_vocab(family.tokenizer(), 128)
+  prompts, answers = reasoning.make_task('lookup', 6, vocab)
+  gen = reasoning.model_generator(family, params, 1)
+  acc, preds = reasoning.score(gen, prompts, answers, batch_size=4)  # padded last batch
+  # The same greedy tokens as the uncached reference with the same per-example tables.
+  tables = lm_eval.example_tables(family, jax.random.PRNGKey(0), np.arange(6))
+  ref = family.generate(params, prompts, 1, jax.random.PRNGKey(0), tables, temperature=0.0,
+                        cached=False)
+  np.testing.assert_array_equal(preds, np.asarray(ref)[:, -1:])
+  assert acc == np.mean(preds[:, 0] == answers[:, 0])
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def _log_softmax64(logits):
+  x = np.asarray(logits, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_perplexity_curve_matches_a_float64_recomputation(models, monkeypatch):
+  pairs = {m: (v[0], v[1]) for m, v in models.items()}
+  # Three windows in batches of two: the padded last batch must not trace again.
+  traced = jax.jit(chex.assert_max_traces(lm_perplexity._losses, n=len(pairs)),
+                   static_argnums=0)
+  monkeypatch.setattr(lm_perplexity, 'batch_losses', traced)
+  result = lm_perplexity.evaluate(pairs, num_windows=3, batch_size=2, smooth=4, seed=5)
+  family = pairs['standard'][0]
+  d = family.config.data
+  windows = lm_eval.windows(lm_eval.split_tokens(d, 'test'), d.seq_len + 1, 3)
+  assert result['num_windows'] == 3 and len(result['positions']) == d.seq_len
+  for name, (fam, params) in pairs.items():
+    tables = lm_eval.example_tables(fam, jax.random.PRNGKey(5), np.arange(3))
+    logp = _log_softmax64(fam.apply(params, windows[:, :-1], tables))
+    nll = -np.take_along_axis(logp, windows[:, 1:, None], -1)[..., 0]
+    m = result['models'][name]
+    np.testing.assert_allclose(m['perplexity'], np.exp(nll.mean(0)), rtol=1e-4)
+    np.testing.assert_allclose(m['mean_loss'], nll.mean(), rtol=1e-5)
+    trailing = [nll.mean(0)[max(0, t - 3):t + 1].mean() for t in range(d.seq_len)]
+    np.testing.assert_allclose(m['perplexity_smoothed'], np.exp(trailing), rtol=1e-4)
+  ratio = result['ratios']['lexinvariant/standard']
+  np.testing.assert_allclose(ratio['raw'], result['models']['lexinvariant']['perplexity'] /
+                             result['models']['standard']['perplexity'])
+  s = result['summary']['lexinvariant/standard']
+  assert s['positions_per_10pct'] == 4
+  np.testing.assert_allclose(s['mean_first_10pct'], ratio['raw'][:4].mean())
+  assert s['shrinks'] == (s['mean_last_10pct'] < s['mean_first_10pct'])
+  # The lexinvariant curve depends on its random tables, the standard one does not.
+  other = lm_perplexity.evaluate(pairs, num_windows=3, batch_size=2, smooth=4, seed=6)
+  assert not np.allclose(other['models']['lexinvariant']['perplexity'],
+                         result['models']['lexinvariant']['perplexity'])
+  np.testing.assert_allclose(other['models']['standard']['perplexity'],
+                             result['models']['standard']['perplexity'])
+
+
+# ----------------------------------------------------------------------------- loading, CLI
+
+
+def test_load_trained_restores_the_workdir(workdirs, models):
+  family, params, config, step = models['lexinvariant']
+  assert family.mode == 'lexinvariant' and step == 0 and config.data.seq_len == 32
+  assert all(isinstance(r, tuple) for r in config.axis_rules)
+  with pytest.raises(UserError, match='does not exist'):
+    lm_eval.load_trained(workdirs['lexinvariant'] + '_missing')
+  args = lexinvariant.parse_args(['cipher', f'--lexinvariant={workdirs["standard"]}',
+                                  '--out=unused'])
+  with pytest.raises(UserError, match="holds a 'standard' model"):
+    lexinvariant.load_models(args)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', 'jaxgen.analysis.lexinvariant', *args], cwd=REPO,
+                        env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def _strict(value):
+  raise ValueError(f'non-standard JSON constant {value}')
+
+
+def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
+  out = tmp_path / 'eval'
+  proc = _cli('all', f'--lexinvariant={workdirs["lexinvariant"]}',
+              f'--standard={workdirs["standard"]}', f'--out={out}', '--num_windows=4',
+              '--smooth=4', '--probe_steps=4', '--num_sequences=4', '--window=16', '--stride=8',
+              '--num_examples=8', '--gen_batch=8')
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  for name in lexinvariant.EVALS:
+    with open(out / f'{name}.json') as f:
+      result = json.load(f, parse_constant=_strict)
+    assert set(result['models_evaluated']) == {'lexinvariant', 'standard'}
+    assert Image.open(out / f'{name}.png').size[0] >= 600
+    assert f'{name}.json' in proc.stdout
+  with open(out / 'cipher.json') as f:
+    c = json.load(f)
+  assert c['window_starts'] == [0, 8, 16] and len(c['precision']['probe']) == 3
+  with open(out / 'reasoning.json') as f:
+    r = json.load(f)
+  assert {t: e['oracle'] for t, e in r['tasks'].items()} == {'lookup': 1.0, 'permutation': 1.0}
+  assert set(r['tasks']['lookup']['accuracy']) == {'lexinvariant', 'standard'}
+
+
+def test_cli_missing_workdir_is_one_line_exit_2(tmp_path):
+  proc = _cli('perplexity', f'--lexinvariant={tmp_path / "nope"}', f'--out={tmp_path}')
+  assert proc.returncode == 2
+  assert proc.stderr.startswith('jaxgen: error: workdir') and proc.stderr.count('\n') == 1
+
+
+def test_plots_draw_every_series_in_its_own_colour():
+  x = np.arange(50.0)
+  y = np.exp(-x / 10) + 1
+  y[20:25] = np.nan
+  img = plots.line_plot({'a': (x, y), 'b': (x, 2 * y)}, title='t', xlabel='x', ylabel='y',
+                        logy=True, hlines={'one': 1.0})
+  assert img.size == (640, 400)
+  pixels = {tuple(p) for p in np.asarray(img).reshape(-1, 3)}
+  assert plots.PALETTE[0] in pixels and plots.PALETTE[1] in pixels
+  bars = plots.bar_chart({'g1': {'a': 0.5, 'b': 1.0}, 'g2': {'a': float('nan'), 'b': 0.2}},
+                         title='t', ylabel='acc')
+  pixels = {tuple(p) for p in np.asarray(bars).reshape(-1, 3)}
+  assert plots.PALETTE[0] in pixels and plots.PALETTE[1] in pixels
+  assert plots.nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+  assert plots.log_ticks(1.0, 100.0) == [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+  assert plots.log_ticks(1.0, 1e4) == [1.0, 10.0, 100.0, 1000.0, 10000.0]
