@@ -25,7 +25,7 @@ setup(
         'absl-py',
     ],
     extras_require={
-        'test': ['pytest', 'scipy'],
+        'test': ['pytest', 'pytest-xdist', 'scipy'],
         'notebooks': ['nbclient', 'nbformat', 'ipykernel', 'matplotlib'],
     },
     entry_points={'console_scripts': ['jaxgen=jaxgen.main:entry_point']},

@@ -90,7 +90,7 @@ def parse_args(argv=None):
                  help='also time the uncached reference sampler for non-tiny variants')
   p.add_argument('--no_decode', action='store_true', help='training rows only')
   p.add_argument('--out', default=None,
-                 help='JSON output (default: benchmarks/measured/<backend>_lm.json)')
+                 help='JSON output (default: benchmarks/results/lm.json)')
   args = p.parse_args(argv)
   acc = common.on_accelerator()
   defaults = dict(warmup=(2, 1), decode_batch=(32, 4), prompt_len=(128, 32),
@@ -99,8 +99,7 @@ def parse_args(argv=None):
     if getattr(args, name) is None:
       setattr(args, name, on_acc if acc else on_cpu)
   if args.out is None:
-    args.out = os.path.join(common.REPO, 'benchmarks', 'measured',
-                            f'{jax.default_backend()}_lm.json')
+    args.out = os.path.join(common.REPO, 'benchmarks', 'results', 'lm.json')
   return args
 
 

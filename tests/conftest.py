@@ -1,4 +1,6 @@
 """Shared test setup: 8 simulated CPU devices in-process, a hermetic prepared dataset, CLI runner."""
+import contextlib
+import fcntl
 import importlib.util
 import os
 import subprocess
@@ -31,14 +33,35 @@ def load_config(path, arg):
   return module.get_config(arg)
 
 
+def shared_dir(tmp_path_factory, name):
+  """A directory shared by every pytest-xdist worker of this run (the run's base temp dir is
+  per worker), so what is built once per session is built once per run."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+@contextlib.contextmanager
+def file_lock(path):
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-  """Fashion-MNIST prepared once per session into a temp dir (and exported for subprocesses)."""
+  """Fashion-MNIST prepared once per run into a temp dir (and exported for subprocesses)."""
   from jaxgen.data import default_data_config, prepare_dataset
-  path = str(tmp_path_factory.mktemp('tfds'))
+  path = shared_dir(tmp_path_factory, 'tfds')
   cfg = default_data_config()
   cfg.data_dir = path
-  prepare_dataset(cfg)
+  prepare_dataset(cfg)  # file-locked: one worker builds, the others wait
   os.environ['JAXGEN_DATA_DIR'] = path
   return path
 
@@ -85,14 +108,21 @@ def fmnist_classifier(data_dir):
   import types
   from jaxgen.data import default_data_config
   from jaxgen.metrics import fmnist_net
-  cmd = [sys.executable, '-m', 'jaxgen.metrics.fmnist_net', f'--data_dir={data_dir}']
-  proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, XLA_FLAGS=''), capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  log = os.path.join(data_dir, 'fmnist_classifier_cli.log')
+  with file_lock(os.path.join(data_dir, '.fmnist_classifier.lock')):  # one worker trains
+    if not os.path.exists(log):
+      cmd = [sys.executable, '-m', 'jaxgen.metrics.fmnist_net', f'--data_dir={data_dir}']
+      proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, XLA_FLAGS=''),
+                            capture_output=True, text=True, timeout=600)
+      assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+      with open(log, 'w') as f:
+        f.write(proc.stdout)
+  with open(log) as f:
+    stdout = f.read()
   cfg = default_data_config()
   cfg.data_dir = data_dir
   variables, accuracy = fmnist_net.read_classifier_file(fmnist_net.classifier_path(cfg))
-  return types.SimpleNamespace(variables=variables, accuracy=accuracy, stdout=proc.stdout,
+  return types.SimpleNamespace(variables=variables, accuracy=accuracy, stdout=stdout,
                                data_config=cfg)
 
 
@@ -100,7 +130,7 @@ def fmnist_classifier(data_dir):
 def text_data_dir(tmp_path_factory):
   """The Shakespeare text dataset prepared once per session into a temp dir."""
   from jaxgen.data import text
-  path = str(tmp_path_factory.mktemp('text_tfds'))
+  path = shared_dir(tmp_path_factory, 'text_tfds')
   cfg = text.text_data_config()
   cfg.data_dir = path
   text.prepare(cfg)
