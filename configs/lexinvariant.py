@@ -48,7 +48,7 @@ def get_config(arg='demo,lexinvariant'):
   c.model = ml_collections.ConfigDict(dict(
       embedding=embedding, semi_p=0.2, position='rope' if rope else 't5', width=256, depth=4,
       num_heads=4, mlp_dim=1024, mlp_kind='gelu', rel_buckets=32, rel_max_distance=128,
-      dtype='float32'))
+      logit_scale_init=1.0, dtype='float32'))
   c.sample = ml_collections.ConfigDict(dict(
       num_prompts=4, prompt_len=64, num_new=128, temperature=0.8, top_k=0, seed=0))
   c.eval.metrics = 'loss'

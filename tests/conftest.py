@@ -1,6 +1,4 @@
 """Shared test setup: 8 simulated CPU devices in-process, a hermetic prepared dataset, CLI runner."""
-import contextlib
-import fcntl
 import importlib.util
 import os
 import subprocess
@@ -42,16 +40,6 @@ def shared_dir(tmp_path_factory, name):
   path = base / name
   path.mkdir(exist_ok=True)
   return str(path)
-
-
-@contextlib.contextmanager
-def file_lock(path):
-  with open(path, 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope='session')
@@ -107,6 +95,7 @@ def fmnist_classifier(data_dir):
   """
   import types
   from jaxgen.data import default_data_config
+  from jaxgen.data.files import file_lock
   from jaxgen.metrics import fmnist_net
   log = os.path.join(data_dir, 'fmnist_classifier_cli.log')
   with file_lock(os.path.join(data_dir, '.fmnist_classifier.lock')):  # one worker trains

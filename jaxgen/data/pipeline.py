@@ -1,6 +1,4 @@
 """Input pipeline: TFDS builds ArrayRecord files once; grain reads them deterministically."""
-import contextlib
-import fcntl
 import functools
 import os
 
@@ -12,6 +10,7 @@ import tensorflow_datasets as tfds
 from jaxgen.data import fashion_mnist
 from jaxgen.data.config import default_data_config
 from jaxgen.data.errors import DatasetNotFoundError
+from jaxgen.data.files import file_lock
 
 __all__ = ['DatasetNotFoundError', 'default_data_config', 'prepare_dataset', 'num_examples',
            'load_split', 'make_iterator']
@@ -36,16 +35,6 @@ def _one_line(what, e) -> str:
           "TensorFlow for image decoding ('pip install tensorflow') and their raw data)")
 
 
-@contextlib.contextmanager
-def _file_lock(path):
-  with open(path, 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def prepare_dataset(data_config) -> None:
   """Builds the dataset into data_config.data_dir once; a no-op when it is already there."""
   if _builder(data_config).is_prepared():
@@ -53,7 +42,7 @@ def prepare_dataset(data_config) -> None:
   data_dir = _data_dir(data_config)
   os.makedirs(data_dir, exist_ok=True)
   # Several training processes may get here at once: one builds, the others wait and reuse.
-  with _file_lock(os.path.join(data_dir, f'.{data_config.name}.prepare.lock')):
+  with file_lock(os.path.join(data_dir, f'.{data_config.name}.prepare.lock')):
     builder = _builder(data_config)  # Fresh, so it sees a build finished while we waited.
     if builder.is_prepared():
       return

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxgen.data.config import default_data_config
 from jaxgen.data.errors import DatasetNotFoundError
+from jaxgen.data.files import file_lock
 from jaxgen.errors import UserError
 
 
@@ -65,12 +66,11 @@ def _builder(cfg):
 
 def prepare(cfg):
   """Builds the dataset once (concurrent callers wait for one build); returns its builder."""
-  from jaxgen.data.pipeline import _file_lock
   builder = _builder(cfg)
   if builder.is_prepared():
     return builder
   os.makedirs(data_dir(cfg), exist_ok=True)
-  with _file_lock(os.path.join(data_dir(cfg), f'.{cache_name(cfg)}.prepare.lock')):
+  with file_lock(os.path.join(data_dir(cfg), f'.{cache_name(cfg)}.prepare.lock')):
     builder = _builder(cfg)  # Fresh, so it sees a build finished while we waited.
     if not builder.is_prepared():
       try:
@@ -101,14 +101,13 @@ def token_stream(data_config, split: str, tokenizer) -> np.ndarray:
   The cache is keyed by dataset (and version), split and tokenizer fingerprint; it is written
   once, atomically, under a file lock.
   """
-  from jaxgen.data.pipeline import _file_lock
   builder = prepare(data_config)
   key = f'{cache_name(data_config)}-{builder.info.version}-{data_config.text_key}-{split}'
   cache_dir = os.path.join(data_dir(data_config), 'token_cache')
   path = os.path.join(cache_dir, f'{_file_name(key)}-{tokenizer.fingerprint}.npy')
   if not os.path.isfile(path):
     os.makedirs(cache_dir, exist_ok=True)
-    with _file_lock(path + '.lock'):
+    with file_lock(path + '.lock'):
       if not os.path.isfile(path):
         sep = tokenizer.encode('\n')
         parts = []

@@ -46,7 +46,8 @@ class Family(FamilyBase):
         mlp_dim=m.mlp_dim, max_len=d.seq_len,
         embedding='lexinvariant' if self.mode == 'lexinvariant' else 'standard',
         position=m.position, mlp_kind=m.mlp_kind, rel_buckets=m.rel_buckets,
-        rel_max_distance=m.rel_max_distance, logit_scale_init=m.get('logit_scale_init', 1.0), embed_scale_init=m.get('embed_scale_init', 1.0), dtype=jnp.dtype(m.dtype))
+        rel_max_distance=m.rel_max_distance, logit_scale_init=m.logit_scale_init,
+        dtype=jnp.dtype(m.dtype))
 
   # -- the model ----------------------------------------------------------------
   def tables(self, rng, batch_size):

@@ -60,8 +60,7 @@ class TransformerLM(nn.Module):
   mlp_kind: str = 'gelu'
   rel_buckets: int = 32
   rel_max_distance: int = 128
-  logit_scale_init: float = 1.0
-  embed_scale_init: float = 1.0
+  logit_scale_init: float = 1.0  # 1: logits = h.E^T / sqrt(d) (meliad); else a learned scale
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -74,7 +73,7 @@ class TransformerLM(nn.Module):
       x = jnp.take_along_axis(tables, tokens[..., None], axis=1)
     else:
       x = jnp.take(tables, tokens, axis=0)
-    scale = self.param('embed_scale', layers.logical(nn.initializers.constant(self.embed_scale_init), ('norm',)),
+    scale = self.param('embed_scale', layers.logical(nn.initializers.ones, ('norm',)),
                        (self.width,))
     shift = self.param('embed_bias', layers.logical(nn.initializers.zeros, ('norm',)),
                        (self.width,))
@@ -100,8 +99,9 @@ class TransformerLM(nn.Module):
     readout = tables.astype(self.dtype)
     spec = 'bld,bvd->blv' if readout.ndim == 3 else 'bld,vd->blv'
     logits = jnp.einsum(spec, h, readout).astype(jnp.float32) / math.sqrt(self.width)
-    if self.logit_scale_init != 1.0:
-      logits = logits * self.param('logit_scale', nn.initializers.constant(self.logit_scale_init), ())
+    if self.logit_scale_init != 1.0:  # a learnable temperature, starting near uniform
+      logits = logits * self.param('logit_scale',
+                                   nn.initializers.constant(self.logit_scale_init), ())
     return (logits, h) if return_hidden else logits
 
   def _tables(self, tokens, tables):
