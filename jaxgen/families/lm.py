@@ -124,10 +124,13 @@ class Family(FamilyBase):
     return self.generate(params, prompts, self.config.sample.num_new, rng)
 
   def sample_inputs(self):
-    """The first prompt_len tokens of the first num_prompts test windows."""
-    s = self.config.sample
-    it = self.make_iterator('test', global_batch_size=s.num_prompts, seed=0, train=False)
-    return jnp.asarray(next(it)['inputs'][:, :s.prompt_len])
+    """The first prompt_len tokens of the first num_prompts test windows (read once: every
+    periodic sample uses the same prompts)."""
+    if not hasattr(self, '_prompts'):
+      s = self.config.sample
+      it = self.make_iterator('test', global_batch_size=s.num_prompts, seed=0, train=False)
+      self._prompts = jnp.asarray(next(it)['inputs'][:, :s.prompt_len])
+    return self._prompts
 
   def tokenizer(self):
     if not hasattr(self, '_tokenizer'):
