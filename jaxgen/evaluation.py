@@ -3,6 +3,7 @@
 `config.eval.metrics` names what `--mode=eval` (and the periodic eval) computes:
   loss       the family's own eval metrics, averaged over `eval_batches` test batches
   fid        Frechet distance between generated samples and the real `eval.real_split`
+             (for a tokenizer, which reconstructs, rFID: its reconstructions of real_split)
   is         Inception Score of the generated samples (the feature net's logits)
   pr         improved precision / recall (k-NN manifolds, k = eval.pr_k)
 
@@ -159,8 +160,27 @@ def real_stats(exp, extractor, split, num, batch_size, features=None):
   return frechet.cached_stats(_cache_path(exp, net, split, num, 'stats'), compute, **meta)
 
 
+def reconstructed_features(exp, extractor, params, split, num, batch_size):
+  """Features of the reconstructions of the first `num` images of `split` (tokenizers: the
+  FID of these against the real images is rFID)."""
+  if not hasattr(exp, '_eval_reconstruct_fn'):
+    exp._eval_reconstruct_fn = jax.jit(exp.family.reconstruct,
+                                       out_shardings=sharding.batch_sharding(exp.mesh))
+  it = exp.family.make_iterator(split, global_batch_size=batch_size, seed=0, train=False)
+  chunks = []
+  with exp.context():
+    for _ in range(-(-num // batch_size)):
+      images = sharding.global_batch(next(it)['image'], exp.mesh)
+      chunks.append(extractor(exp._eval_reconstruct_fn(params, images)))
+  return {k: np.concatenate([c[k] for c in chunks])[:num] for k in chunks[0]}
+
+
 def generated_features(exp, extractor, params, num, batch_size, seed):
-  """Features of `num` class-balanced samples (labels i % num_classes), made batch by batch."""
+  """Features of `num` class-balanced samples (labels i % num_classes), made batch by batch;
+  for a family that reconstructs (a tokenizer), of its reconstructions of real images."""
+  if getattr(exp.family, 'reconstructs', False):
+    return reconstructed_features(exp, extractor, params, exp.config.eval.real_split, num,
+                                  batch_size)
   classes = exp.config.data.num_classes
   local = batch_size // jax.process_count()
   first = jax.process_index() * local  # processes hold consecutive rows of the global batch
@@ -195,13 +215,14 @@ def sample_metrics(exp, params, net=None):
   gen = generated_features(exp, extractor, params, e.num_samples, batch, e.seed)
   real = real_features(exp, extractor, e.real_split, e.num_real, batch) if 'pr' in wanted else None
   out, tag = {}, f'[{net.name}]'
+  fid_name = 'rfid' if getattr(exp.family, 'reconstructs', False) else 'fid'
   if 'fid' in wanted:
     if e.reference_stats:  # e.g. the standard ImageNet statistics of the same feature network
       mu, sigma, _ = frechet.load_stats(e.reference_stats)
     else:
       mu, sigma = real_stats(exp, extractor, e.real_split, e.num_real, batch, real)
     fid = frechet.frechet_distance(*frechet.gaussian_stats(gen['pool']), mu, sigma)
-    out[f'eval/fid{tag}'] = float(fid)
+    out[f'eval/{fid_name}{tag}'] = float(fid)
   if 'is' in wanted:
     mean, std = scores.inception_score(gen['logits'], splits=e.is_splits)
     out[f'eval/is{tag}'], out[f'eval/is_std{tag}'] = float(mean), float(std)

@@ -44,8 +44,9 @@ def format_info(info):
            f"total params      {info['total_params']:,}",
            f"activated params  {info['activated_params']:,}",
            f"train FLOPs/ex    {info['train_flops_per_example']:.4g}",
-           f"mesh              {info['mesh']}",
-           'largest parameters (shape -> mesh sharding):']
+           f"mesh              {info['mesh']}"]
+  lines += [f"  {k + ' params':<24}{v:,}" for k, v in info.get('param_breakdown', {}).items()]
+  lines += ['largest parameters (shape -> mesh sharding):']
   lines += [f"  {p['name']:<48} {str(p['shape']):<18} {p['sharding']}"
             for p in info['largest_params']]
   return '\n'.join(lines)

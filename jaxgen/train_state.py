@@ -31,10 +31,10 @@ def mesh_context(mesh, rules):
 def _unbox_mismatched(tree):
   """Optimizer statistics inherit their parameter's logical names through tx.init; factored
   ones (Adafactor's row/column moments) have another rank, so they lose the names and
-  stay replicated."""
-  return jax.tree.map(
-      lambda x: x.value if sharding.is_boxed(x) and x.value.ndim != len(x.names) else x,
-      tree, is_leaf=sharding.is_boxed)
+  stay replicated; so do placeholders without arrays (optax.multi_transform's MaskedNode)."""
+  mismatched = lambda x: getattr(x.value, 'ndim', None) != len(x.names)
+  return jax.tree.map(lambda x: x.value if sharding.is_boxed(x) and mismatched(x) else x,
+                      tree, is_leaf=sharding.is_boxed)
 
 
 def _create(family, tx, rng):
@@ -78,7 +78,8 @@ def ema_decay(cfg, step):
 def train_step(family, tx, schedule, cfg, state, batch):
   """One optimizer step, with `cfg.grad_accum_steps` micro-batches accumulated by lax.scan."""
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.value_and_grad(lambda p, b, r: family.loss(p, b, r, train=True), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b, r: family.train_loss(p, b, r, state.step),
+                               has_aux=True)
   k = cfg.get('grad_accum_steps', 1)
   if k == 1:
     (loss, metrics), grads = grad_fn(state.params, batch, rng)

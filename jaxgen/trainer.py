@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from jaxgen import checkpointing, evaluation, families, optim, sharding, train_state, writers
+from jaxgen import checkpointing, evaluation, families, sharding, train_state, writers
 from jaxgen.errors import UserError
 
 
@@ -35,7 +35,7 @@ class Experiment:
     if config.batch_size % config.get('grad_accum_steps', 1):
       raise UserError(f'batch_size={config.batch_size} is not divisible by '
                       f'grad_accum_steps={config.grad_accum_steps}')
-    self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
+    self.tx, self.schedule = self.family.make_optimizer(config.total_steps)
     self.rng = jax.random.PRNGKey(config.seed)
     self.abstract, self.shardings = train_state.abstract_state(
         self.family, self.tx, self.rng, self.mesh, self.rules)
@@ -96,7 +96,8 @@ class Experiment:
     return out
 
   def loss_metrics(self, params):
-    """Mean of the family's eval metrics over `eval_batches` test batches."""
+    """The family's eval metrics over `eval_batches` test batches: scalars averaged, arrays
+    summed, then reduced to scalars by the family."""
     if not hasattr(self, '_eval_fn'):
       self._eval_fn = jax.jit(self.family.eval_metrics,
                               out_shardings=NamedSharding(self.mesh, P()))
@@ -107,8 +108,10 @@ class Experiment:
         batch = sharding.global_batch(next(it), self.mesh)
         m = jax.device_get(self._eval_fn(params, batch, jax.random.PRNGKey(i)))
         for k, v in m.items():
-          totals[k] = totals.get(k, 0.0) + float(v) / self.config.eval_batches
-    return {f'eval/{k}': v for k, v in totals.items()}
+          v = np.asarray(v, np.float64)
+          totals[k] = totals.get(k, 0.0) + (v if v.ndim else v / self.config.eval_batches)
+    totals = self.family.reduce_eval_metrics(totals)
+    return {f'eval/{k}': float(v) for k, v in totals.items()}
 
 
 class _Preemption:
@@ -237,7 +240,7 @@ def info(config, workdir=None):
   leaves = jax.tree_util.tree_leaves_with_path(params)
   total = sum(math.prod(x.shape) for _, x in leaves)
   largest = sorted(leaves, key=lambda kv: -math.prod(kv[1].shape))[:8]
-  return {
+  out = {
       'family': config.family,
       'total_params': total,
       'activated_params': exp.family.activated_params(total),
@@ -247,3 +250,6 @@ def info(config, workdir=None):
           {'name': jax.tree_util.keystr(path), 'shape': list(x.shape),
            'sharding': str(x.sharding.spec)} for path, x in largest],
   }
+  if hasattr(exp.family, 'param_breakdown'):  # e.g. a tokenizer's encoder / decoder sizes
+    out['param_breakdown'] = exp.family.param_breakdown(params)
+  return out

@@ -23,7 +23,7 @@ def _mesh(devices, **axes):
 def build_step(cfg, fam, mesh):
   """(jitted train step, abstract state, logical rules) exactly as the trainer builds them."""
   rules = sharding.rules_tuple(cfg.axis_rules)
-  tx, schedule = optim.make_optimizer(cfg.optim, cfg.total_steps)
+  tx, schedule = fam.make_optimizer(cfg.total_steps)
   abstract, shardings = train_state.abstract_state(fam, tx, jax.random.PRNGKey(0), mesh, rules)
   step = train_state.make_train_step(fam, tx, schedule, cfg, mesh, shardings,
                                      sharding.batch_sharding(mesh))
@@ -32,7 +32,7 @@ def build_step(cfg, fam, mesh):
 
 def _run_steps(cfg, fam, mesh, batches):
   step, _, rules = build_step(cfg, fam, mesh)
-  tx, _ = optim.make_optimizer(cfg.optim, cfg.total_steps)
+  tx, _ = fam.make_optimizer(cfg.total_steps)
   state, _ = train_state.init_state(fam, tx, jax.random.PRNGKey(0), mesh, rules)
   losses = []
   with train_state.mesh_context(mesh, rules):

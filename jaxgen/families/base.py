@@ -7,7 +7,7 @@ import abc
 
 import jax
 
-from jaxgen import data, sampling, writers
+from jaxgen import data, optim, sampling, writers
 
 
 class FamilyBase(abc.ABC):
@@ -35,9 +35,25 @@ class FamilyBase(abc.ABC):
     """Analytic matmul FLOPs of one example (x3 with train=True)."""
 
   # -- defaults ---------------------------------------------------------------
+  def make_optimizer(self, total_steps):
+    """(optax transformation, lr schedule) for the whole parameter tree."""
+    return optim.make_optimizer(self.config.optim, total_steps)
+
+  def train_loss(self, params, batch, rng, step):
+    """The training objective at `step` (a traced int32): families whose loss changes over
+    training (a GAN's discriminator start, lazy regularisers) override this."""
+    del step
+    return self.loss(params, batch, rng, train=True)
+
   def eval_metrics(self, params, batch, rng):
+    """Per-batch eval metrics: scalars are averaged over the eval batches; arrays (e.g. a
+    code histogram) are summed and handed to `reduce_eval_metrics`."""
     loss, metrics = self.loss(params, batch, rng, train=False)
     return dict(metrics, loss=loss)
+
+  def reduce_eval_metrics(self, totals):
+    """Scalars from the eval batches' metrics (scalar means, array sums)."""
+    return totals
 
   def activated_params(self, total):
     """Parameters touched per token; dense models use all of them."""

@@ -1,4 +1,5 @@
-"""Shared Linen building blocks: one attention, one MLP, one adaLN, the embedders.
+"""Shared Linen building blocks: one attention, one MLP, one Transformer block, one adaLN,
+the embedders.
 
 Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', ...);
 the config's axis rules map them onto the device mesh (see jaxgen/sharding.py).
@@ -182,6 +183,41 @@ class Mlp(nn.Module):
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
     return dense(d, ('mlp', 'embed'), dtype=self.dtype, use_bias=self.kind == 'gelu',
                  name='fc2')(h)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN Transformer block: x + Attention(LN(x)), then x + Mlp(LN(x)).
+
+  Used by the LM, the ViT tokenizer and the AR image model; `mask`, `bias`, RoPE and the KV
+  cache pass through to Attention. `dropout` applies to both residual branches in training
+  (needs a 'dropout' rng).
+  """
+  num_heads: int
+  mlp_dim: int
+  mlp_kind: str = 'gelu'
+  qk_norm: bool = False
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, bias=None, rope_positions=None, decode=False,
+               cache_index=None, cache_len=None, train=False):
+    drop = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0)
+    h = LayerNorm(dtype=self.dtype, name='norm1')(x)
+    x = x + drop(Attention(self.num_heads, self.qk_norm, dtype=self.dtype, name='attn')(
+        h, mask, bias, rope_positions=rope_positions, decode=decode, cache_index=cache_index,
+        cache_len=cache_len))
+    h = LayerNorm(dtype=self.dtype, name='norm2')(x)
+    x = x + drop(Mlp(self.mlp_dim, self.mlp_kind, self.dtype, name='mlp')(h))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+def transformer_flops(num_tokens, width, depth, mlp_dim, mlp_kind='gelu'):
+  """Analytic forward matmul FLOPs of `depth` TransformerBlocks over `num_tokens` tokens:
+  q/k/v/out projections, full attention (QK^T and AV) and the MLP."""
+  mlp_mats = 3 if mlp_kind == 'swiglu' else 2
+  per_token = 2 * 4 * width * width + 2 * mlp_mats * width * mlp_dim + 2 * 2 * num_tokens * width
+  return depth * num_tokens * per_token
 
 
 class AdaLNModulation(nn.Module):

@@ -25,23 +25,6 @@ def random_tables(keys, vocab_size, width, dtype=jnp.float32):
   return jax.vmap(lambda k: jax.random.normal(k, (vocab_size, width), dtype))(keys)
 
 
-class Block(nn.Module):
-  num_heads: int
-  mlp_dim: int
-  mlp_kind: str = 'gelu'
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask, bias, rope_positions, decode, cache_index, cache_len):
-    h = layers.LayerNorm(dtype=self.dtype, name='norm1')(x)
-    x = x + layers.Attention(self.num_heads, dtype=self.dtype, name='attn')(
-        h, mask, bias, rope_positions=rope_positions, decode=decode, cache_index=cache_index,
-        cache_len=cache_len)
-    h = layers.LayerNorm(dtype=self.dtype, name='norm2')(x)
-    x = x + layers.Mlp(self.mlp_dim, self.mlp_kind, self.dtype, name='mlp')(h)
-    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-
-
 class TransformerLM(nn.Module):
   """tokens [B, L] (and per-sequence tables [B, V, d] if lexinvariant) -> logits [B, L, V].
 
@@ -93,7 +76,8 @@ class TransformerLM(nn.Module):
                                          self.rel_max_distance, name='rel_bias')(queries, keys)
     rope = queries[None] if self.position == 'rope' else None
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, self.mlp_kind, self.dtype, name=f'block{i}')(
+      x = layers.TransformerBlock(self.num_heads, self.mlp_dim, self.mlp_kind,
+                                  dtype=self.dtype, name=f'block{i}')(
           x, mask, bias, rope, decode, start, self.max_len)
     h = layers.LayerNorm(dtype=self.dtype, name='final_norm')(x)
     readout = tables.astype(self.dtype)
@@ -120,8 +104,7 @@ class TransformerLM(nn.Module):
 
 
 def flops_per_token(*, vocab_size, width, depth, mlp_dim, seq_len, mlp_kind='gelu'):
-  """Analytic forward matmul FLOPs per token: projections, attention (full L x L, the usual
-  convention), MLP and the readout."""
-  mlp_mats = 3 if mlp_kind == 'swiglu' else 2
-  per_layer = 2 * 4 * width * width + 2 * mlp_mats * width * mlp_dim + 2 * 2 * seq_len * width
-  return depth * per_layer + 2 * width * vocab_size
+  """Analytic forward matmul FLOPs per token: the blocks (full L x L attention, the usual
+  convention) and the readout."""
+  blocks = layers.transformer_flops(seq_len, width, depth, mlp_dim, mlp_kind) / seq_len
+  return int(blocks) + 2 * width * vocab_size
