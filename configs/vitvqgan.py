@@ -84,7 +84,7 @@ def get_config(arg='demo'):
         o.update(lr=1e-3, warmup_steps=0, schedule='constant')
     else:  # demo: sized for 2 CPU cores (~15 min), where convolutions' backward is slow
       c.model.update(patch_size=4, encoder=vit((2, 64, 256, 4)), decoder=vit((2, 64, 256, 4)),
-                     codebook_size=512, code_dim=32,
+                     codebook_size=512, code_dim=8,  # dim 32 collapsed to ~1% usage here
                      disc=dict(base_channels=8, max_channels=32, mbstd_group=4))
       c.loss.update(disc_start=800, r1_every=16)
       c.update(total_steps=1200, batch_size=32, log_every=50, checkpoint_every=400,

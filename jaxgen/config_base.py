@@ -1,4 +1,7 @@
 """Defaults shared by every family's config; `configs/<family>.py` overrides them."""
+import importlib.util
+import os
+
 import ml_collections
 
 from jaxgen import sharding
@@ -41,3 +44,17 @@ def base_config():
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.axis_rules = sharding.DEFAULT_RULES
   return c
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(path, arg):
+  """get_config(arg) of a config file (e.g. 'configs/vitvqgan.py', relative to the repo),
+  imported by path as --config does (configs/ is not a package)."""
+  full = path if os.path.isabs(path) else os.path.join(REPO, path)
+  name = 'jaxgen_configs_' + os.path.splitext(os.path.basename(full))[0]
+  spec = importlib.util.spec_from_file_location(name, full)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -29,19 +29,32 @@ def class_grid_labels(num_classes, per_class):
 # ----------------------------------------------------------------------------
 # Autoregressive token sampling (LM, VIM, FlexTok AR)
 # ----------------------------------------------------------------------------
-def sample_token(logits, rng, temperature=1.0, top_k=0):
+def top_p_mask(logits, top_p):
+  """True for the tokens of the nucleus: the most probable tokens whose cumulative
+  probability first reaches top_p (always at least the most probable one)."""
+  order = jnp.argsort(-logits, axis=-1)
+  probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more probable tokens
+  keep_sorted = before < top_p
+  return jnp.put_along_axis(jnp.zeros_like(keep_sorted), order, keep_sorted, axis=-1,
+                            inplace=False)
+
+
+def sample_token(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
   """One token per row of logits [B, V]: greedy at temperature 0, else softmax(logits / T)
-  restricted to the top_k largest (0 = all)."""
+  restricted to the top_k largest (0 = all) and then to the top_p nucleus (1 = all)."""
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    logits = jnp.where(top_p_mask(logits, top_p), logits, -jnp.inf)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def generate(step_fn, cache, prompt, num_new, rng, *, temperature=1.0, top_k=0):
+def generate(step_fn, cache, prompt, num_new, rng, *, temperature=1.0, top_k=0, top_p=1.0):
   """Continues `prompt` [B, P] by `num_new` tokens with a KV cache; returns [B, P + num_new].
 
   step_fn(cache, tokens [B, n]) -> (logits [B, n, V], cache) appends n tokens to the cache.
@@ -51,12 +64,12 @@ def generate(step_fn, cache, prompt, num_new, rng, *, temperature=1.0, top_k=0):
   """
   p = prompt.shape[1]
   logits, cache = step_fn(cache, prompt)
-  first = sample_token(logits[:, -1], jax.random.fold_in(rng, p), temperature, top_k)
+  first = sample_token(logits[:, -1], jax.random.fold_in(rng, p), temperature, top_k, top_p)
 
   def step(carry, t):
     cache, token = carry
     logits, cache = step_fn(cache, token[:, None])
-    nxt = sample_token(logits[:, -1], jax.random.fold_in(rng, t), temperature, top_k)
+    nxt = sample_token(logits[:, -1], jax.random.fold_in(rng, t), temperature, top_k, top_p)
     return (cache, nxt), token
 
   (_, last), tokens = jax.lax.scan(step, (cache, first), p + 1 + jnp.arange(num_new - 1))
@@ -64,7 +77,8 @@ def generate(step_fn, cache, prompt, num_new, rng, *, temperature=1.0, top_k=0):
   return jnp.concatenate([prompt, new], axis=1)
 
 
-def generate_uncached(logits_fn, prompt, num_new, rng, *, temperature=1.0, top_k=0):
+def generate_uncached(logits_fn, prompt, num_new, rng, *, temperature=1.0, top_k=0,
+                      top_p=1.0):
   """The reference for `generate`: recomputes logits_fn(tokens [B, P + num_new]) -> [B, T, V]
   over the whole (causal) buffer for every new token. O(T) times the work; for tests."""
   b, p = prompt.shape
@@ -72,7 +86,7 @@ def generate_uncached(logits_fn, prompt, num_new, rng, *, temperature=1.0, top_k
 
   def step(t, buffer):
     logits = jax.lax.dynamic_index_in_dim(logits_fn(buffer), t - 1, axis=1, keepdims=False)
-    token = sample_token(logits, jax.random.fold_in(rng, t), temperature, top_k)
+    token = sample_token(logits, jax.random.fold_in(rng, t), temperature, top_k, top_p)
     return jax.lax.dynamic_update_index_in_dim(buffer, token.astype(buffer.dtype), t, axis=1)
 
   return jax.lax.fori_loop(p, p + num_new, step, buffer)

@@ -1,5 +1,4 @@
 """Shared test setup: 8 simulated CPU devices in-process, a hermetic prepared dataset, CLI runner."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,11 +23,8 @@ import pytest  # noqa: E402
 
 def load_config(path, arg):
   """configs/<family>.py:get_config(arg), loaded by path as config_flags does."""
-  spec = importlib.util.spec_from_file_location('cfg_' + os.path.basename(path)[:-3],
-                                                os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from jaxgen.config_base import load_config as load
+  return load(path, arg)
 
 
 def shared_dir(tmp_path_factory, name):
@@ -56,9 +52,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_config(data_dir):
-  """The tiny DiT config reading the session's prepared data."""
-  def make(arg='tiny'):
-    cfg = load_config('configs/dit.py', arg)
+  """A config (default: the tiny DiT) reading the session's prepared Fashion-MNIST."""
+  def make(arg='tiny', path='configs/dit.py'):
+    cfg = load_config(path, arg)
     cfg.data.data_dir = data_dir
     return cfg
   return make

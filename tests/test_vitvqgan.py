@@ -14,12 +14,8 @@ from jaxgen.models import layers, vitvqgan
 
 
 @pytest.fixture
-def tiny_vq(data_dir):
-  def make(arg='tiny'):
-    cfg = load_config('configs/vitvqgan.py', arg)
-    cfg.data.data_dir = data_dir
-    return cfg
-  return make
+def tiny_vq(tiny_config):
+  return lambda arg='tiny': tiny_config(arg, path='configs/vitvqgan.py')
 
 
 def _model(**kw):
@@ -212,3 +208,11 @@ def test_info_reports_paper_sizes():
   assert abs(b['encoder'] - want['S']) / want['S'] < 0.01
   assert abs(b['decoder'] - want['L']) / want['L'] < 0.01
   assert b['quantizer'] == 8192 * 32
+
+
+def test_unknown_variant_is_one_clear_error():
+  from jaxgen.errors import UserError
+  with pytest.raises(UserError, match='unknown vitvqgan config'):
+    load_config('configs/vitvqgan.py', 'XL')
+  plain = load_config('configs/vitvqgan.py', 'demo,plain')
+  assert not plain.model.l2_normalize and plain.model.code_dim == plain.model.encoder.width

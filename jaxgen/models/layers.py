@@ -212,6 +212,22 @@ class TransformerBlock(nn.Module):
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
 
+def causal_positions(module, n, decode, max_len):
+  """(start, query positions [n], causal mask [1, 1, n, keys]) for n new tokens.
+
+  With decode=True the keys are the `max_len` slots of a KV cache whose next free position is
+  the 'cache' variable 'index' of `module` (left at 0 by `init`), advanced by n; the mask
+  also hides the empty slots."""
+  if decode:
+    index = module.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    start, keys = index.value, jnp.arange(max_len)
+    index.value = start + n
+  else:
+    start, keys = 0, jnp.arange(n)
+  queries = start + jnp.arange(n)
+  return start, queries, (keys[None, :] <= queries[:, None])[None, None]
+
+
 def transformer_flops(num_tokens, width, depth, mlp_dim, mlp_kind='gelu'):
   """Analytic forward matmul FLOPs of `depth` TransformerBlocks over `num_tokens` tokens:
   q/k/v/out projections, full attention (QK^T and AV) and the MLP."""

@@ -62,14 +62,8 @@ class TransformerLM(nn.Module):
                        (self.width,))
     x = x.astype(self.dtype) * scale.astype(self.dtype) + shift.astype(self.dtype)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    if decode:  # the cache's next free position; `init` leaves it at 0
-      index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
-      start, keys = index.value, jnp.arange(self.max_len)
-      index.value = start + n
-    else:
-      start, keys = 0, jnp.arange(n)
-    queries = start + jnp.arange(n)
-    mask = (keys[None, :] <= queries[:, None])[None, None]  # causal; hides empty cache slots
+    start, queries, mask = layers.causal_positions(self, n, decode, self.max_len)
+    keys = jnp.arange(self.max_len) if decode else queries
     bias = None
     if self.position == 't5':  # one bias table shared by all layers, as in T5
       bias = layers.RelativePositionBias(self.num_heads, self.rel_buckets,
