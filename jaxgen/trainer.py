@@ -253,3 +253,43 @@ def info(config, workdir=None):
   if hasattr(exp.family, 'param_breakdown'):  # e.g. a tokenizer's encoder / decoder sizes
     out['param_breakdown'] = exp.family.param_breakdown(params)
   return out
+
+
+# ----------------------------------------------------------------------------
+# Trained workdirs as inputs (evaluations, a stage-2 model's tokenizer)
+# ----------------------------------------------------------------------------
+def config_from_json(d):
+  """The ConfigDict a workdir's config.json was written from (to_json_best_effort)."""
+  import ml_collections
+  config = ml_collections.ConfigDict(d)
+  # JSON turned the axis rules' tuples into lists; the mesh code expects tuples.
+  config.axis_rules = sharding.rules_tuple(config.axis_rules)
+  return config
+
+
+def load_trained(workdir, family, train_hint, data_dir=None):
+  """(family object, EMA params, config, step) of the newest checkpoint in a trained workdir.
+
+  The config is rebuilt from workdir/config.json and must be of `family`; `data_dir`
+  overrides its data location. Parameters go onto one device: the config's mesh may need
+  more devices than this machine has. `train_hint` is the command that makes such a workdir.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} does not exist: train a model first ({train_hint})')
+  if not os.path.isfile(path):
+    raise UserError(f'{path} not found: {workdir} is not a trained workdir ({train_hint})')
+  try:
+    with open(path) as f:
+      config = config_from_json(json.load(f))
+  except (ValueError, TypeError, KeyError) as e:
+    raise UserError(f'cannot read {path}: {type(e).__name__}: {e}') from e
+  if config.get('family') != family:
+    raise UserError(f'{workdir} holds a {config.get("family")!r} model, not a {family!r} one '
+                    f'({train_hint})')
+  if data_dir:
+    config.data.data_dir = data_dir
+  config.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
+  exp = Experiment(config, workdir, devices=jax.devices()[:1])
+  params, step = exp.restore_ema()
+  return exp.family, params, config, step

@@ -112,6 +112,25 @@ def fmnist_classifier(data_dir):
 
 
 @pytest.fixture(scope='session')
+def tiny_tokenizer(tmp_path_factory, data_dir, fmnist_classifier):
+  """A configs/vitvqgan.py:tiny workdir trained once per run by the CLI (4 steps, the
+  discriminator from step 2) with its final eval (PSNR, codebook usage, rFID); the VIM
+  tests tokenize with it. Returns (workdir, CompletedProcess or None if already trained)."""
+  from jaxgen.data.files import file_lock
+  workdir = os.path.join(shared_dir(tmp_path_factory, 'tiny_tokenizer'), 'workdir')
+  proc = None
+  with file_lock(workdir + '.lock'):
+    if not os.path.exists(os.path.join(workdir, 'done')):
+      proc = run_cli('--config=configs/vitvqgan.py:tiny', f'--workdir={workdir}',
+                     f'--config.data.data_dir={data_dir}', '--config.eval_every=4',
+                     '--config.eval.metrics=loss,fid', '--config.eval.num_samples=16',
+                     '--config.eval.num_real=64')
+      assert proc.returncode == 0, proc.stderr[-3000:]
+      open(os.path.join(workdir, 'done'), 'w').close()
+  return workdir, proc
+
+
+@pytest.fixture(scope='session')
 def text_data_dir(tmp_path_factory):
   """The Shakespeare text dataset prepared once per session into a temp dir."""
   from jaxgen.data import text

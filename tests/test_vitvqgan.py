@@ -178,14 +178,10 @@ def test_two_optimizers_and_one_compiled_step(tiny_vq):
   assert float(metrics['disc_on']) == 1.0
 
 
-def test_tiny_cli_trains_and_evaluates(tiny_vq, data_dir, tmp_path, fmnist_classifier):
-  """The real loop on tiny data with its final eval: PSNR, codebook usage and rFID."""
-  workdir = str(tmp_path / 'vq')
-  proc = run_cli('--config=configs/vitvqgan.py:tiny', f'--workdir={workdir}',
-                 f'--config.data.data_dir={data_dir}', '--config.eval_every=4',
-                 '--config.eval.metrics=loss,fid', '--config.eval.num_samples=16',
-                 '--config.eval.num_real=64')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def test_tiny_cli_trains_and_evaluates(tiny_tokenizer):
+  """The real loop on tiny data with its final eval: PSNR, codebook usage and rFID (the
+  session's tiny tokenizer, also used by the VIM tests)."""
+  workdir, _ = tiny_tokenizer
   rows = [json.loads(line) for line in open(f'{workdir}/metrics.jsonl')]
   assert all(0 < r['codebook_usage'] <= 1 for r in rows if 'codebook_usage' in r)
   assert any(r.get('disc_on') == 1.0 for r in rows)

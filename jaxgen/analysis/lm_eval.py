@@ -5,7 +5,6 @@ import math
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
 from jaxgen.errors import UserError
@@ -13,42 +12,11 @@ from jaxgen.errors import UserError
 TRAIN_HINT = 'python -m jaxgen.main --config=configs/lexinvariant.py:demo,lexinvariant --workdir='
 
 
-def config_from_json(d):
-  """The ConfigDict a workdir's config.json was written from (to_json_best_effort)."""
-  config = ml_collections.ConfigDict(d)
-  # JSON turned the axis rules' tuples into lists; the mesh code expects tuples.
-  from jaxgen import sharding
-  config.axis_rules = sharding.rules_tuple(config.axis_rules)
-  return config
-
-
 def load_trained(workdir, data_dir=None):
-  """(family, params, config, step) of the newest checkpoint in a trained workdir.
-
-  The config is rebuilt from workdir/config.json; `data_dir` overrides its data location
-  (e.g. a workdir trained on another machine). Parameters go onto one device: evaluation
-  needs no sharding, and the config's mesh may need more devices than this machine has.
-  """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isdir(workdir):
-    raise UserError(f'workdir {workdir} does not exist: train a model first ({TRAIN_HINT}DIR)')
-  if not os.path.isfile(path):
-    raise UserError(f'{path} not found: {workdir} is not a trained workdir ({TRAIN_HINT}DIR)')
-  try:
-    with open(path) as f:
-      config = config_from_json(json.load(f))
-  except (ValueError, TypeError, KeyError) as e:
-    raise UserError(f'cannot read {path}: {type(e).__name__}: {e}') from e
-  if config.get('family') != 'lm':
-    raise UserError(f'{workdir} holds a {config.get("family")!r} model, not a language model '
-                    '(configs/lexinvariant.py)')
-  if data_dir:
-    config.data.data_dir = data_dir
-  config.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
+  """(family, params, config, step) of a trained language-model workdir (see
+  trainer.load_trained)."""
   from jaxgen import trainer
-  exp = trainer.Experiment(config, workdir, devices=jax.devices()[:1])
-  params, step = exp.restore_ema()
-  return exp.family, params, config, step
+  return trainer.load_trained(workdir, 'lm', TRAIN_HINT + 'DIR', data_dir)
 
 
 def check_same_data(configs):

@@ -6,7 +6,7 @@ from jaxgen.errors import UserError
 # family name -> module defining `Family`; imported lazily so one family's
 # dependencies never slow down another's start-up.
 _FAMILIES = {'dit': 'jaxgen.families.dit', 'lm': 'jaxgen.families.lm',
-             'vitvqgan': 'jaxgen.families.vitvqgan'}
+             'vitvqgan': 'jaxgen.families.vitvqgan', 'vim': 'jaxgen.families.vim'}
 
 
 def get_family(config):

@@ -64,6 +64,10 @@ class FamilyBase(abc.ABC):
     return sampling.class_grid_labels(cfg.data.num_classes, cfg.sample.per_class)
 
   def row_names(self):
+    """Row labels of the sample grid: class names where the dataset has them."""
+    if self.config.data.get('name') == 'fashion_mnist':
+      from jaxgen.data.fashion_mnist import CLASS_NAMES
+      return list(CLASS_NAMES)
     return None
 
   def sample_inputs(self):

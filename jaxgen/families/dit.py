@@ -77,7 +77,3 @@ class Family(FamilyBase):
     m = self.config.model
     return total - dit.inactive_params(width=m.width, depth=m.depth, mlp_ratio=m.mlp_ratio,
                                        moe=self.moe, moe_every=self.moe_every)
-
-  def row_names(self):
-    from jaxgen.data.fashion_mnist import CLASS_NAMES
-    return list(CLASS_NAMES) if self.config.data.name == 'fashion_mnist' else None
