@@ -74,7 +74,7 @@ def get_config(arg='demo'):
     if variant == 'tiny':
       c.model.update(patch_size=8, encoder=vit((1, 32, 64, 2)), decoder=vit((1, 32, 64, 2)),
                      codebook_size=64, code_dim=8,
-                     disc=dict(base_channels=16, max_channels=32, mbstd_group=4))
+                     disc=dict(base_channels=4, max_channels=8, mbstd_group=4))
       c.loss.update(perceptual_weight=0.0, disc_start=2, r1_every=2)
       c.update(total_steps=4, batch_size=8, log_every=1, checkpoint_every=2, eval_every=0,
                sample_every=0, progress_bar=False, eval_batches=1)

@@ -109,8 +109,10 @@ class Family(FamilyBase):
       real_logits = self.discriminate(disc_params, images)
       fake_logits = self.discriminate(disc_params, jax.lax.stop_gradient(recon))
       d_loss = gan.discriminator_loss(real_logits, fake_logits)
-      r1 = gan.lazy_r1(lambda x: self.discriminate(disc_params, x), images, step,
-                       c.r1_every, c.r1_gamma)
+      r1 = jnp.zeros((), jnp.float32)
+      if c.r1_gamma:  # gamma = 0 leaves R1's double backward out of the program
+        r1 = gan.lazy_r1(lambda x: self.discriminate(disc_params, x), images, step,
+                         c.r1_every, c.r1_gamma)
       return g_adv, d_loss, r1, jnp.mean(real_logits), jnp.mean(fake_logits)
 
     # Before disc_start the discriminator is not run at all (lax.cond): the step costs what the
