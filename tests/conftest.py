@@ -149,3 +149,14 @@ def tiny_lm_config(text_data_dir):
     cfg.data.data_dir = text_data_dir
     return cfg
   return make
+
+
+# Files whose tests take longest run first: with one file per worker (--dist loadfile) a long
+# file started last would leave the other worker idle at the end of the run.
+SLOW_FILES_FIRST = ('test_notebooks.py', 'test_vitvqgan.py', 'test_lm_evals.py', 'test_vim.py',
+                    'test_train.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
