@@ -178,7 +178,7 @@ def reconstructed_features(exp, extractor, params, split, num, batch_size):
 def generated_features(exp, extractor, params, num, batch_size, seed):
   """Features of `num` class-balanced samples (labels i % num_classes), made batch by batch;
   for a family that reconstructs (a tokenizer), of its reconstructions of real images."""
-  if getattr(exp.family, 'reconstructs', False):
+  if exp.family.reconstructs:
     return reconstructed_features(exp, extractor, params, exp.config.eval.real_split, num,
                                   batch_size)
   classes = exp.config.data.num_classes
@@ -215,7 +215,7 @@ def sample_metrics(exp, params, net=None):
   gen = generated_features(exp, extractor, params, e.num_samples, batch, e.seed)
   real = real_features(exp, extractor, e.real_split, e.num_real, batch) if 'pr' in wanted else None
   out, tag = {}, f'[{net.name}]'
-  fid_name = 'rfid' if getattr(exp.family, 'reconstructs', False) else 'fid'
+  fid_name = 'rfid' if exp.family.reconstructs else 'fid'
   if 'fid' in wanted:
     if e.reference_stats:  # e.g. the standard ImageNet statistics of the same feature network
       mu, sigma, _ = frechet.load_stats(e.reference_stats)

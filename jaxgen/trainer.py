@@ -250,8 +250,9 @@ def info(config, workdir=None):
           {'name': jax.tree_util.keystr(path), 'shape': list(x.shape),
            'sharding': str(x.sharding.spec)} for path, x in largest],
   }
-  if hasattr(exp.family, 'param_breakdown'):  # e.g. a tokenizer's encoder / decoder sizes
-    out['param_breakdown'] = exp.family.param_breakdown(params)
+  breakdown = exp.family.param_breakdown(params)
+  if breakdown:
+    out['param_breakdown'] = breakdown
   return out
 
 

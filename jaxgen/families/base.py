@@ -13,6 +13,10 @@ from jaxgen import data, optim, sampling, writers
 class FamilyBase(abc.ABC):
   """Subclasses implement init_params, loss, sample and flops_per_example."""
 
+  # True for tokenizers: sample-based eval scores `reconstruct(params, images)` of real
+  # images (rFID) instead of `sample` from class labels.
+  reconstructs = False
+
   def __init__(self, config):
     self.config = config
 
@@ -54,6 +58,10 @@ class FamilyBase(abc.ABC):
   def reduce_eval_metrics(self, totals):
     """Scalars from the eval batches' metrics (scalar means, array sums)."""
     return totals
+
+  def param_breakdown(self, params):
+    """{part: parameter count} for --mode=info (e.g. a tokenizer's encoder and decoder)."""
+    return {}
 
   def activated_params(self, total):
     """Parameters touched per token; dense models use all of them."""

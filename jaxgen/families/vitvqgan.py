@@ -25,11 +25,9 @@ from jaxgen.metrics import image as image_metrics
 from jaxgen.models import stylegan_disc, vitvqgan
 from jaxgen.objectives import gan, logit_laplace
 
-PARTS = ('generator', 'discriminator')
-
 
 class Family(FamilyBase):
-  reconstructs = True  # sample-based eval scores reconstructions of real images (rFID)
+  reconstructs = True
 
   def __init__(self, config):
     super().__init__(config)
