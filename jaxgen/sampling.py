@@ -21,6 +21,49 @@ def classifier_free_guidance(apply_fn, labels, null_label, scale):
   return denoise
 
 
+def apg_update(cond, uncond, scale, momentum_buffer, *, momentum=-0.5, norm_threshold=2.5,
+               eta=0.0):
+  """Adaptive projected guidance (Sadat et al., 2024) for one sampler step; returns
+  (guided, new_buffer).
+
+    buffer = (cond - uncond) + momentum * buffer     (the paper's MomentumBuffer)
+    diff   = buffer, its L2 norm per example clipped to norm_threshold (<= 0: no clip)
+    diff   = parallel + orth, parallel = <diff, c^> c^ with c^ = cond / |cond|
+    guided = cond + (scale - 1) * (orth + eta * parallel)
+
+  Norms and the projection run over all non-batch dims, in float32. As in the paper the
+  clip and projection act on the running average, and the buffer keeps it unclipped. With
+  momentum=0, norm_threshold=0, eta=1 this is plain CFG. `momentum_buffer` None counts as
+  zeros; the new buffer keeps the old one's dtype (float32 from None), so it can be a loop
+  carry. A sampler threads it through its loop:
+
+    def step(i, carry):
+      z, buf = carry
+      cond, uncond = jnp.split(apply_fn(jnp.concatenate([z, z]), ...), 2)
+      v, buf = apg_update(cond, uncond, scale, buf)
+      return z - dt * v, buf
+
+    z, _ = jax.lax.fori_loop(0, num_steps, step, (noise, jnp.zeros(noise.shape, jnp.float32)))
+  """
+  dtype = cond.dtype
+  cond32, uncond32 = cond.astype(jnp.float32), uncond.astype(jnp.float32)
+  axes = tuple(range(1, cond.ndim))
+  buffer = cond32 - uncond32
+  if momentum_buffer is not None:
+    buffer = buffer + momentum * momentum_buffer.astype(jnp.float32)
+  diff = buffer
+  if norm_threshold > 0:
+    norm = jnp.sqrt(jnp.sum(jnp.square(diff), axis=axes, keepdims=True))
+    diff = diff * jnp.minimum(1.0, norm_threshold / jnp.maximum(norm, 1e-12))
+  unit = cond32 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(cond32), axis=axes, keepdims=True)),
+                              1e-12)
+  parallel = jnp.sum(diff * unit, axis=axes, keepdims=True) * unit
+  update = (diff - parallel) + eta * parallel
+  guided = (cond32 + (scale - 1) * update).astype(dtype)
+  new_dtype = jnp.float32 if momentum_buffer is None else momentum_buffer.dtype
+  return guided, buffer.astype(new_dtype)
+
+
 def class_grid_labels(num_classes, per_class):
   """Labels for a grid with one row per class: [0]*per_class + [1]*per_class + ..."""
   return jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), per_class)

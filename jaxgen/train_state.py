@@ -99,6 +99,7 @@ def train_step(family, tx, schedule, cfg, state, batch):
     loss, metrics, grads = jax.tree.map(lambda x: x / k, total)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  params = family.after_update(params, batch, jax.random.fold_in(rng, 1 << 30), state.step)
   d = ema_decay(cfg.optim, state.step)
   ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),

@@ -269,7 +269,14 @@ def config_from_json(d):
 
 
 def load_trained(workdir, family, train_hint, data_dir=None):
-  """(family object, EMA params, config, step) of the newest checkpoint in a trained workdir.
+  """(family object, EMA params, config, step) of the newest checkpoint in a trained workdir
+  (see `load_experiment`)."""
+  exp, params, step = load_experiment(workdir, family, train_hint, data_dir)
+  return exp.family, params, exp.config, step
+
+
+def load_experiment(workdir, family, train_hint, data_dir=None):
+  """(Experiment, EMA params, step) of the newest checkpoint in a trained workdir.
 
   The config is rebuilt from workdir/config.json and must be of `family`; `data_dir`
   overrides its data location. Parameters go onto one device: the config's mesh may need
@@ -293,4 +300,4 @@ def load_trained(workdir, family, train_hint, data_dir=None):
   config.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
   exp = Experiment(config, workdir, devices=jax.devices()[:1])
   params, step = exp.restore_ema()
-  return exp.family, params, config, step
+  return exp, params, step

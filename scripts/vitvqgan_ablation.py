@@ -3,8 +3,8 @@ plain VQ, trained for the same steps on Fashion-MNIST.
 
   .venv/bin/python scripts/vitvqgan_ablation.py --out=workdirs/vq_ablation [--steps=800]
 
-Arms (all from configs/vitvqgan.py:demo, same seed, data and steps; the discriminator is
-off so only the quantizer differs): `l2_dim8` and `l2_dim32` (lookup dims 8 and 32,
+Arms (all from configs/vitvqgan.py:demo, same seed, data and steps; the discriminator and,
+unless --restart, the dead-code restart are off so only the quantizer differs): `l2_dim8` and `l2_dim32` (lookup dims 8 and 32,
 l2-normalised, cosine lookup) and `plain` (lookup dim = width, no l2, Euclidean lookup).
 Each arm trains in <out>/<arm>/ with the shared trainer, then is evaluated over
 --eval_batches test batches: codebook usage and perplexity (one histogram over all eval
@@ -31,6 +31,8 @@ def arm_config(arm, args):
   fields['code_dim'] = fields['code_dim'] or c.model.encoder.width
   c.model.update(fields)
   c.loss.disc_start = args.steps + 1  # the ablation is about the quantizer
+  if not args.restart:  # the paper's comparison has no restart
+    c.loss.restart_every = 0
   c.update(total_steps=args.steps, eval_every=0, sample_every=0, checkpoint_every=0,
            eval_batches=args.eval_batches, progress_bar=False)
   c.eval.metrics = 'loss,fid' if args.fid else 'loss'
@@ -62,7 +64,7 @@ def figure(result):
                          ylabel='% of the codebook', fmt='{:.1f}')
 
 
-def main(argv=None):
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--out', required=True)
   p.add_argument('--variant', default='demo', help='configs/vitvqgan.py variant')
@@ -70,13 +72,20 @@ def main(argv=None):
   p.add_argument('--eval_batches', type=int, default=10)
   p.add_argument('--arms', default=','.join(ARMS))
   p.add_argument('--fid', action='store_true', help='also rFID-FMNIST (needs the classifier)')
+  p.add_argument('--restart', action='store_true',
+                 help="keep the config's dead-code restart in every arm")
   p.add_argument('--data_dir', default='')
   args = p.parse_args(argv)
-  arms = [a for a in args.arms.split(',') if a]
-  unknown = set(arms) - set(ARMS)
+  unknown = set(a for a in args.arms.split(',') if a) - set(ARMS)
   if unknown:
     p.error(f'unknown arm(s) {sorted(unknown)}: use {",".join(ARMS)}')
-  result = {'steps': args.steps, 'variant': args.variant,
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  arms = [a for a in args.arms.split(',') if a]
+  result = {'steps': args.steps, 'variant': args.variant, 'restart': args.restart,
             'arms': {arm: run_arm(arm, args) for arm in arms}}
   paths = lm_eval.save_result(args.out, 'ablation', result, figure(result))
   print('wrote', *paths)

@@ -131,6 +131,23 @@ def tiny_tokenizer(tmp_path_factory, data_dir, fmnist_classifier):
 
 
 @pytest.fixture(scope='session')
+def tiny_vae(tmp_path_factory, data_dir):
+  """A configs/kl_vae.py:tiny workdir trained once per run by the CLI (4 steps, the
+  discriminator from step 2, a final loss eval); FlexTok trains in its latent space.
+  Returns (workdir, CompletedProcess or None if already trained)."""
+  from jaxgen.data.files import file_lock
+  workdir = os.path.join(shared_dir(tmp_path_factory, 'tiny_vae'), 'workdir')
+  proc = None
+  with file_lock(workdir + '.lock'):
+    if not os.path.exists(os.path.join(workdir, 'done')):
+      proc = run_cli('--config=configs/kl_vae.py:tiny', f'--workdir={workdir}',
+                     f'--config.data.data_dir={data_dir}', '--config.eval_every=4')
+      assert proc.returncode == 0, proc.stderr[-3000:]
+      open(os.path.join(workdir, 'done'), 'w').close()
+  return workdir, proc
+
+
+@pytest.fixture(scope='session')
 def text_data_dir(tmp_path_factory):
   """The Shakespeare text dataset prepared once per session into a temp dir."""
   from jaxgen.data import text
@@ -154,7 +171,7 @@ def tiny_lm_config(text_data_dir):
 # Files whose tests take longest run first: with one file per worker (--dist loadfile) a long
 # file started last would leave the other worker idle at the end of the run.
 SLOW_FILES_FIRST = ('test_notebooks.py', 'test_vitvqgan.py', 'test_lm_evals.py', 'test_vim.py',
-                    'test_train.py')
+                    'test_flextok.py', 'test_train.py', 'test_kl_vae.py')
 
 
 def pytest_collection_modifyitems(items):

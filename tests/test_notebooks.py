@@ -17,6 +17,8 @@ COLABS = os.path.join(REPO, 'colabs')
 TINY_RUN = {
     'JAXGEN_NB_CONFIG': 'tiny',
     'JAXGEN_NB_TOTAL_STEPS': '3',
+    'JAXGEN_NB_TOKENIZER_STEPS': '3',
+    'JAXGEN_NB_VIM_STEPS': '3',
     'JAXGEN_NB_BATCH_SIZE': '8',
     'JAXGEN_NB_LOG_EVERY': '1',
     'JAXGEN_NB_SAMPLE_STEPS': '2',

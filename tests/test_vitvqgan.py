@@ -32,6 +32,11 @@ def _init(model, x):
   return nn.meta.unbox(model.init(jax.random.PRNGKey(0), x))
 
 
+def _init_family(fam):
+  import flax.linen as nn
+  return nn.meta.unbox(fam.init_params(jax.random.PRNGKey(0)))
+
+
 def _images(n=2, size=16, seed=0):
   return jax.random.uniform(jax.random.PRNGKey(seed), (n, size, size, 1), minval=-1, maxval=1)
 
@@ -76,6 +81,48 @@ def test_code_lookup_equals_brute_force(l2):
   else:
     want = ((z[..., None, :] - book) ** 2).sum(-1).argmin(-1)
   np.testing.assert_array_equal(codes, want)
+
+
+@pytest.mark.parametrize('l2', [True, False])
+def test_restart_dead_codes_moves_only_unused_codes(l2):
+  rng = np.random.default_rng(0)
+  book, z = rng.normal(size=(6, 3)), rng.normal(size=(2, 5, 3))
+  codes = np.array([[0, 2, 2, 0, 2], [2, 0, 0, 2, 0]])
+  out = np.asarray(vitvqgan.restart_dead_codes(
+      jnp.asarray(book, jnp.float32), jnp.asarray(z, jnp.float32), jnp.asarray(codes),
+      jax.random.PRNGKey(0), l2), np.float64)
+  np.testing.assert_allclose(out[[0, 2]], book[[0, 2]], rtol=1e-6)  # live codes untouched
+  flat = z.reshape(-1, 3)
+  live_norm = np.linalg.norm(book[[0, 2]], axis=-1).mean()
+  for row in out[[1, 3, 4, 5]]:
+    if l2:  # an encoder output's direction at the live codes' mean norm
+      cos = flat @ row / (np.linalg.norm(flat, axis=-1) * np.linalg.norm(row))
+      assert cos.max() == pytest.approx(1.0, abs=1e-5)
+      assert np.linalg.norm(row) == pytest.approx(live_norm, rel=1e-5)
+    else:  # an encoder output itself
+      assert np.abs(flat - row).sum(-1).min() < 1e-5
+
+
+def test_dead_code_restart_in_the_train_step(tiny_vq):
+  """after_update restarts codes on schedule only, and restarted codes are chosen afterwards."""
+  cfg = tiny_vq()
+  cfg.loss.update(restart_every=2, restart_until=3)
+  fam = families.get_family(cfg)
+  params = jax.device_get(_init_family(fam))
+  images = _images(8, 32)
+  book = params['generator']['quantizer']['codebook']
+  used = lambda p: np.unique(np.asarray(fam.tokenize(p, images)))
+  for step, restarts in ((0, False), (1, True), (3, False), (5, False)):
+    out = fam.after_update(params, {'image': images}, jax.random.PRNGKey(step),
+                           jnp.asarray(step))
+    changed = np.any(np.asarray(out['generator']['quantizer']['codebook']) != book, -1)
+    if not restarts:
+      assert not changed.any(), step
+      continue
+    dead = np.setdiff1d(np.arange(len(book)), used(params))
+    np.testing.assert_array_equal(np.flatnonzero(changed), dead)
+    assert len(used(out)) > len(used(params))
+    chex.assert_trees_all_equal(out['discriminator'], params['discriminator'])
 
 
 def test_quantizer_values_losses_and_straight_through():
@@ -210,3 +257,33 @@ def test_unknown_variant_is_one_clear_error():
     load_config('configs/vitvqgan.py', 'XL')
   plain = load_config('configs/vitvqgan.py', 'demo,plain')
   assert not plain.model.l2_normalize and plain.model.code_dim == plain.model.encoder.width
+
+
+def test_ablation_script_writes_its_table(tmp_path, data_dir):
+  """The Table-4 script: its arms differ only in the quantizer, and one arm runs end to end
+  on the tiny config (trained, evaluated, saved as JSON and a chart)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'ablation', os.path.join(os.path.dirname(__file__), '..', 'scripts', 'vitvqgan_ablation.py'))
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  out = tmp_path / 'ablation'
+  args = [f'--out={out}', '--variant=demo', '--steps=2', '--eval_batches=1',
+          f'--data_dir={data_dir}']
+  configs = {arm: ablation.arm_config(arm, ablation.parse_args(args)) for arm in ablation.ARMS}
+  fields = {arm: (c.model.code_dim, c.model.l2_normalize) for arm, c in configs.items()}
+  assert fields == {'l2_dim8': (8, True), 'l2_dim32': (32, True), 'plain': (64, False)}
+  for c in configs.values():  # no discriminator, no restart: only the quantizer differs
+    assert c.loss.disc_start > c.total_steps and not c.loss.restart_every
+    c.model.update(code_dim=0, l2_normalize=True)
+    assert c.to_json() == configs['l2_dim8'].to_json()
+  args[1] = '--variant=tiny'
+  result = ablation.main(args + ['--arms=plain'])
+  with open(out / 'ablation.json') as f:
+    saved = json.load(f)
+  assert saved['arms'].keys() == {'plain'} and not saved['restart']
+  row = saved['arms']['plain']
+  assert row['code_dim'] == 32 and not row['l2_normalize']
+  assert 0 < row['codebook_usage'] <= 1 and np.isfinite(row['psnr'])
+  assert row == result['arms']['plain']
+  assert os.path.getsize(out / 'ablation.png') > 1000

@@ -6,7 +6,8 @@ from jaxgen.errors import UserError
 # family name -> module defining `Family`; imported lazily so one family's
 # dependencies never slow down another's start-up.
 _FAMILIES = {'dit': 'jaxgen.families.dit', 'lm': 'jaxgen.families.lm',
-             'vitvqgan': 'jaxgen.families.vitvqgan', 'vim': 'jaxgen.families.vim'}
+             'vitvqgan': 'jaxgen.families.vitvqgan', 'vim': 'jaxgen.families.vim',
+             'kl_vae': 'jaxgen.families.kl_vae', 'flextok': 'jaxgen.families.flextok'}
 
 
 def get_family(config):

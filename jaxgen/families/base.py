@@ -6,6 +6,7 @@ sharding, optimizer, EMA, checkpoints, data order, logging.
 import abc
 
 import jax
+import numpy as np
 
 from jaxgen import data, optim, sampling, writers
 
@@ -49,6 +50,12 @@ class FamilyBase(abc.ABC):
     del step
     return self.loss(params, batch, rng, train=True)
 
+  def after_update(self, params, batch, rng, step):
+    """Parameters after the optimizer step, changed by a non-gradient rule if the family has
+    one (a VQ tokenizer's dead-code restart); jitted inside the train step."""
+    del batch, rng, step
+    return params
+
   def eval_metrics(self, params, batch, rng):
     """Per-batch eval metrics: scalars are averaged over the eval batches; arrays (e.g. a
     code histogram) are summed and handed to `reduce_eval_metrics`."""
@@ -79,18 +86,32 @@ class FamilyBase(abc.ABC):
     return None
 
   def sample_inputs(self):
-    """What `sample` conditions on for the periodic samples (image families: class labels)."""
-    return self.sample_labels()
+    """What `sample` conditions on for the periodic samples: class labels, or for
+    reconstructing families fixed test images."""
+    return self.fixed_test_images() if self.reconstructs else self.sample_labels()
+
+  def fixed_test_images(self):
+    """The first config.sample.num_images test images (the same every call)."""
+    if not hasattr(self, '_fixed_test_images'):
+      n = self.config.sample.num_images
+      it = self.make_iterator('test', global_batch_size=n, seed=0, train=False)
+      self._fixed_test_images = np.asarray(next(it)['image'])
+    return self._fixed_test_images
+
+  def grid_layout(self):
+    """(rows, row labels, TensorBoard tag) of the sample grid: one row per class."""
+    rows = self.config.data.num_classes if self.config.sample.get('per_class') else 1
+    return rows, self.row_names(), 'samples'
 
   def write_samples(self, outputs, stem, writer, step, save=True):
-    """Saves sampler outputs (images in [-1, 1]) as a PNG grid, one row per class, to
+    """Saves sampler outputs (images in [-1, 1]) as a PNG grid laid out by `grid_layout` to
     stem + '.png' and to `writer`; returns the path."""
-    rows = self.config.data.num_classes if self.config.sample.get('per_class') else 1
-    grid = writers.image_grid(outputs, rows, row_labels=self.row_names())
+    rows, row_labels, tag = self.grid_layout()
+    grid = writers.image_grid(outputs, rows, row_labels=row_labels)
     if save:
       writers.save_png(grid, stem + '.png')
     if writer is not None:
-      writer.write_images(step, {'samples': grid})
+      writer.write_images(step, {tag: grid})
     return stem + '.png'
 
   def make_iterator(self, split, *, global_batch_size, seed, train):

@@ -1,33 +1,24 @@
 """ViT-VQGAN tokenizer family: the tokenizer and a StyleGAN2 discriminator trained together.
 
-Parameters are {'generator': ..., 'discriminator': ...}, each with its own optax optimizer
-(config.optim, config.disc_optim) joined by optax.multi_transform, so both update in the
-trainer's one compiled step. One scalar carries both objectives, and stop_gradient routes
-each to its own parameters:
+The two-optimizer GAN step, perceptual loss and reconstruction samples are the shared
+autoencoder family's (jaxgen/families/autoencoder.py); the tokenizer's own objective is
 
-  total = L_G(G, sg(D)) + [step >= loss.disc_start] * (w_adv L_adv(G, sg(D))
-                                                      + L_D(sg(G(x)), D) + lazy R1(D))
   L_G = w_l2 L2 + w_ll logit-Laplace + w_perc perceptual + VQ codebook + beta commitment
-  L_adv = non-saturating GAN loss of the reconstructions
 
-so d total / d G = d L_G / d G and d total / d D = d L_D / d D (both at the step's parameters).
+plus, from loss.disc_start, w_adv times the non-saturating GAN loss of the reconstructions.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax.core import FrozenDict
 
-from jaxgen import optim
-from jaxgen.families.base import FamilyBase
+from jaxgen.families.autoencoder import AutoencoderFamily, count_params
 from jaxgen.metrics import codebook as codebook_metrics
 from jaxgen.metrics import image as image_metrics
-from jaxgen.models import stylegan_disc, vitvqgan
-from jaxgen.objectives import gan, logit_laplace
+from jaxgen.models import vitvqgan
+from jaxgen.objectives import logit_laplace
 
 
-class Family(FamilyBase):
-  reconstructs = True
+class Family(AutoencoderFamily):
 
   def __init__(self, config):
     super().__init__(config)
@@ -37,46 +28,14 @@ class Family(FamilyBase):
         enc=FrozenDict(m.encoder.to_dict()), dec=FrozenDict(m.decoder.to_dict()),
         codebook_size=m.codebook_size, code_dim=m.code_dim, l2_normalize=m.l2_normalize,
         head_dim=m.head_dim, dtype=jnp.dtype(m.dtype))
-    self.disc = stylegan_disc.StyleGANDiscriminator(
-        base_channels=m.disc.base_channels, max_channels=m.disc.max_channels,
-        mbstd_group=m.disc.mbstd_group, dtype=jnp.dtype(m.dtype))
-    self.image_shape = (d.image_size, d.image_size, d.channels)
-    self._perceptual = None
-
-  # -- parameters and optimizers -------------------------------------------------
-  def init_params(self, rng):
-    g_rng, d_rng = jax.random.split(rng)
-    x = jnp.zeros((2, *self.image_shape), jnp.float32)
-    return {'generator': self.model.init(g_rng, x)['params'],
-            'discriminator': self.disc.init(d_rng, x)['params']}
-
-  def make_optimizer(self, total_steps):
-    """Generator: config.optim; discriminator: config.disc_optim (its own lr, betas)."""
-    tx_g, schedule = optim.make_optimizer(self.config.optim, total_steps)
-    tx_d, _ = optim.make_optimizer(self.config.disc_optim, total_steps)
-    labels = lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
-    return optax.multi_transform({'generator': tx_g, 'discriminator': tx_d}, labels), schedule
 
   # -- losses --------------------------------------------------------------------
-  @property
-  def perceptual(self):
-    if self._perceptual is None:
-      from jaxgen.metrics import perceptual
-      c = self.config.loss
-      paths = {k: v for k, v in (c.get('perceptual_paths') or {}).items() if v}
-      if c.perceptual == 'fmnist_classifier' and not paths:
-        paths = {'data_dir': self.config.data.data_dir}
-      # Loaded on first use, which is inside the train step's trace: its weights must be
-      # concrete arrays, not tracers that would leak into the next trace.
-      with jax.ensure_compile_time_eval():
-        self._perceptual = perceptual.make_perceptual(c.perceptual, **paths)
-    return self._perceptual
+  def init_generator(self, rng, images):
+    return self.model.init(rng, images)['params']
 
-  def discriminate(self, disc_params, images):
-    return self.disc.apply({'params': disc_params}, images)
-
-  def generator_terms(self, gen_params, images):
+  def generator_terms(self, gen_params, images, rng=None):
     """The tokenizer's forward pass and its reconstruction / VQ loss terms."""
+    del rng  # deterministic
     c = self.config.loss
     out = self.model.apply({'params': gen_params}, images)
     terms = dict(
@@ -93,49 +52,34 @@ class Family(FamilyBase):
             + c.perceptual_weight * terms.get('perceptual', 0.0) + terms['codebook_loss']
             + c.beta * terms['commitment'])
 
-  def train_loss(self, params, batch, rng, step):
-    c = self.config.loss
-    images = batch['image']
-    out, terms = self.generator_terms(params['generator'], images)
-    gen = self.generator_loss(terms)
-    on = step >= c.disc_start
+  def after_update(self, params, batch, rng, step):
+    """Dead-code restart: every loss.restart_every steps before loss.restart_until, codes no
+    token of the batch chose move onto random encoder outputs of the batch."""
+    c, l2 = self.config.loss, self.config.model.l2_normalize
+    if not c.get('restart_every'):
+      return params
+    gen = params['generator']
+    codebook = gen['quantizer']['codebook']
 
-    def adversarial(disc_params, recon):
-      # The generator's term sees the discriminator as a constant...
-      g_adv = gan.generator_loss(self.discriminate(jax.lax.stop_gradient(disc_params), recon))
-      # ... and the discriminator sees the reconstructions as constants.
-      real_logits = self.discriminate(disc_params, images)
-      fake_logits = self.discriminate(disc_params, jax.lax.stop_gradient(recon))
-      d_loss = gan.discriminator_loss(real_logits, fake_logits)
-      r1 = jnp.zeros((), jnp.float32)
-      if c.r1_gamma:  # gamma = 0 leaves R1's double backward out of the program
-        r1 = gan.lazy_r1(lambda x: self.discriminate(disc_params, x), images, step,
-                         c.r1_every, c.r1_gamma)
-      return g_adv, d_loss, r1, jnp.mean(real_logits), jnp.mean(fake_logits)
+    def restart():
+      z = self.model.apply({'params': gen}, batch['image'],
+                           method=vitvqgan.VitVQGAN.encoder_outputs)
+      codes = vitvqgan.nearest_codes(z, codebook, l2)
+      return vitvqgan.restart_dead_codes(codebook, z, codes, rng, l2)
 
-    # Before disc_start the discriminator is not run at all (lax.cond): the step costs what the
-    # tokenizer alone costs.
-    g_adv, d_loss, r1, d_real, d_fake = jax.lax.cond(
-        on, adversarial, lambda *_: tuple(jnp.zeros((), jnp.float32) for _ in range(5)),
-        params['discriminator'], out['recon'])
-    total = gen + c.adv_weight * g_adv + d_loss + r1
-    metrics = dict(terms, generator_loss=gen, g_adv=g_adv, d_loss=d_loss, r1=r1,
-                   disc_on=on.astype(jnp.float32), d_real=d_real, d_fake=d_fake,
-                   **self.code_metrics(out['codes']))
-    return total, metrics
+    on = (step % c.restart_every == c.restart_every - 1) & (step < c.restart_until)
+    new = jax.lax.cond(on, restart, lambda: codebook)
+    key = "['generator']['quantizer']['codebook']"
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: new if jax.tree_util.keystr(path) == key else x, params)
+
+  def output_metrics(self, out):
+    return self.code_metrics(out['codes'])
 
   def code_metrics(self, codes):
     k = self.config.model.codebook_size
     return dict(codebook_usage=codebook_metrics.codebook_usage(codes, k),
                 codebook_perplexity=codebook_metrics.codebook_perplexity(codes, k))
-
-  def loss(self, params, batch, rng, train):
-    """The generator's objective without the adversarial term (eval, or no GAN)."""
-    images = batch['image']
-    out, terms = self.generator_terms(params['generator'], images)
-    metrics = dict(terms, psnr=jnp.mean(image_metrics.psnr(out['recon'], images)),
-                   **self.code_metrics(out['codes']))
-    return self.generator_loss(terms), metrics
 
   def eval_metrics(self, params, batch, rng):
     images = batch['image']
@@ -166,28 +110,6 @@ class Family(FamilyBase):
   def reconstruct(self, params, images):
     return self.model.apply({'params': params['generator']}, images)['recon']
 
-  # -- samples: reconstructions of fixed test images ------------------------------
-  def sample_inputs(self):
-    if not hasattr(self, '_sample_images'):
-      n = self.config.sample.num_images
-      it = self.make_iterator('test', global_batch_size=n, seed=0, train=False)
-      self._sample_images = np.asarray(next(it)['image'])
-    return self._sample_images
-
-  def sample(self, params, rng, images):
-    """Originals stacked over their reconstructions: [2B, H, W, C]."""
-    del rng
-    return jnp.concatenate([images, self.reconstruct(params, images)], axis=0)
-
-  def write_samples(self, outputs, stem, writer, step, save=True):
-    from jaxgen import writers
-    grid = writers.image_grid(outputs, 2, row_labels=['input', 'recon'])
-    if save:
-      writers.save_png(grid, stem + '.png')
-    if writer is not None:
-      writer.write_images(step, {'reconstructions': grid})
-    return stem + '.png'
-
   # -- accounting ----------------------------------------------------------------
   def flops_per_example(self, train=True):
     m, d = self.config.model, self.config.data
@@ -195,15 +117,13 @@ class Family(FamilyBase):
         image_size=d.image_size, channels=d.channels, patch_size=m.patch_size,
         enc=m.encoder, dec=m.decoder, code_dim=m.code_dim, codebook_size=m.codebook_size,
         head_dim=m.head_dim)
-    disc = stylegan_disc.disc_flops_per_example(d.image_size, d.channels,
-                                                m.disc.base_channels, m.disc.max_channels)
-    # Training: the generator once, the discriminator on reals, fakes (twice); x3 for grads.
-    return 3 * (gen + 3 * disc) if train else gen
+    # Training: the generator once (x3 for grads) plus the discriminator's share.
+    return 3 * gen + self.disc_train_flops() if train else gen
 
   def param_breakdown(self, params):
     """Parameter counts of the encoder, decoder, quantizer and discriminator."""
-    count = lambda t: int(sum(np.prod(x.shape) for x in jax.tree.leaves(t)))
     g = params['generator']
-    return dict(encoder=count(g['encoder']) + count(g['to_code']),
-                decoder=count(g['decoder']) + count(g['head_hidden']) + count(g['head_out']),
-                quantizer=count(g['quantizer']), discriminator=count(params['discriminator']))
+    return dict(encoder=count_params(g['encoder']) + count_params(g['to_code']),
+                decoder=(count_params(g['decoder']) + count_params(g['head_hidden'])
+                         + count_params(g['head_out'])),
+                quantizer=count_params(g['quantizer']), **self.disc_param_breakdown(params))

@@ -12,28 +12,43 @@ from jaxgen.models import layers, moe as moe_lib
 
 
 class DiTBlock(nn.Module):
-  """adaLN-Zero block; its MLP is a sparse MoE layer when `moe` holds MoE fields."""
+  """adaLN-Zero block; its MLP is a sparse MoE layer when `moe` holds MoE fields.
+
+  With `split` > 0 the first `split` tokens and the rest get separate modulations from c
+  (FlexTok's decoder: noised patches, then registers); `mask` passes to the attention."""
   num_heads: int
   mlp_ratio: float = 4.0
   qk_norm: bool = False
   moe: Any = None
   mlp_kind: str = 'gelu'
   dtype: Any = jnp.float32
+  split: int = 0
+  use_bias: bool = True
+
+  def modulation(self, c, x):
+    width, length = x.shape[-1], x.shape[1]
+    mods = layers.AdaLNModulation(6, dtype=self.dtype, name='adaLN')(c, width)
+    if not self.split:
+      return mods
+    rest = layers.AdaLNModulation(6, dtype=self.dtype, name='adaLN_rest')(c, width)
+    widen = lambda m, n: jnp.broadcast_to(m, (m.shape[0], n, width))
+    return [jnp.concatenate([widen(a, self.split), widen(b, length - self.split)], axis=1)
+            for a, b in zip(mods, rest)]
 
   @nn.compact
-  def __call__(self, x, c):
+  def __call__(self, x, c, mask=None):
     width = x.shape[-1]
-    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = layers.AdaLNModulation(
-        6, dtype=self.dtype, name='adaLN')(c, width)
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c, x)
     norm = lambda name: layers.LayerNorm(use_scale=False, dtype=self.dtype, name=name)
     h = layers.modulate(norm('norm1')(x), shift_a, scale_a)
-    x = x + gate_a * layers.Attention(self.num_heads, self.qk_norm, self.dtype, name='attn')(h)
+    x = x + gate_a * layers.Attention(self.num_heads, self.qk_norm, self.dtype,
+                                      use_bias=self.use_bias, name='attn')(h, mask)
     h = layers.modulate(norm('norm2')(x), shift_m, scale_m)
     hidden = int(width * self.mlp_ratio)
     if self.moe:
       mlp = moe_lib.MoE(expert_hidden=hidden, dtype=self.dtype, name='moe', **self.moe)
     else:
-      mlp = layers.Mlp(hidden, self.mlp_kind, self.dtype, name='mlp')
+      mlp = layers.Mlp(hidden, self.mlp_kind, self.dtype, use_bias=self.use_bias, name='mlp')
     x = x + gate_m * mlp(h)
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 

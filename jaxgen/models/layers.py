@@ -50,19 +50,24 @@ class Attention(nn.Module):
   With `decode=True` keys and values go to a 'cache' collection of `cache_len` slots: the
   call writes its q tokens at `cache_index` and attends over all slots (the caller's mask
   hides the empty and future ones). Projections are explicit [embed, heads, kv] tensors (not
-  DenseGeneral) so their logical names hold for the stored shape.
+  DenseGeneral) so their logical names hold for the stored shape. `use_bias=False` drops the
+  q/k/v/out biases (FlexTok's blocks have none).
   """
   num_heads: int
   qk_norm: bool = False
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   def _proj(self, name, x, head_dim):
     d = x.shape[-1]
     w = self.param(name + '_kernel', logical(xavier_fan(d, d), ('embed', 'heads', 'kv')),
                    (d, self.num_heads, head_dim))
+    y = jnp.einsum('bld,dhk->blhk', x, w.astype(self.dtype))
+    if not self.use_bias:
+      return y
     b = self.param(name + '_bias', logical(nn.initializers.zeros, ('heads', 'kv')),
                    (self.num_heads, head_dim))
-    return jnp.einsum('bld,dhk->blhk', x, w.astype(self.dtype)) + b.astype(self.dtype)
+    return y + b.astype(self.dtype)
 
   @nn.compact
   def __call__(self, x, mask=None, bias=None, *, rope_positions=None, decode=False,
@@ -88,8 +93,11 @@ class Attention(nn.Module):
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     w = self.param('out_kernel', logical(xavier_fan(d, d), ('heads', 'kv', 'embed')),
                    (self.num_heads, head_dim, d))
+    out = jnp.einsum('blhk,hkd->bld', out, w.astype(self.dtype))
+    if not self.use_bias:
+      return out
     b = self.param('out_bias', logical(nn.initializers.zeros, ('embed',)), (d,))
-    return jnp.einsum('blhk,hkd->bld', out, w.astype(self.dtype)) + b.astype(self.dtype)
+    return out + b.astype(self.dtype)
 
   def _update_cache(self, k, v, index, length):
     """Writes k, v [B, q, H, D] into the cache at `index`; returns the whole cache."""
@@ -163,17 +171,19 @@ def xavier_fan(fan_in, fan_out):
 
 
 class Mlp(nn.Module):
-  """Transformer MLP: GELU(tanh) two-layer, or SwiGLU (gate * up, no bias)."""
+  """Transformer MLP: GELU(tanh) two-layer (biases unless `use_bias=False`), or SwiGLU
+  (gate * up, never biases)."""
   hidden: int
   kind: str = 'gelu'
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     if self.kind == 'gelu':
-      h = nn.gelu(dense(self.hidden, ('embed', 'mlp'), dtype=self.dtype, name='fc1')(x),
-                  approximate=True)
+      h = nn.gelu(dense(self.hidden, ('embed', 'mlp'), dtype=self.dtype,
+                        use_bias=self.use_bias, name='fc1')(x), approximate=True)
     elif self.kind == 'swiglu':
       gate = dense(self.hidden, ('embed', 'mlp'), dtype=self.dtype, use_bias=False, name='gate')(x)
       up = dense(self.hidden, ('embed', 'mlp'), dtype=self.dtype, use_bias=False, name='up')(x)
@@ -181,8 +191,8 @@ class Mlp(nn.Module):
     else:
       raise ValueError(f'unknown MLP kind {self.kind!r}: use gelu or swiglu')
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
-    return dense(d, ('mlp', 'embed'), dtype=self.dtype, use_bias=self.kind == 'gelu',
-                 name='fc2')(h)
+    return dense(d, ('mlp', 'embed'), dtype=self.dtype,
+                 use_bias=self.kind == 'gelu' and self.use_bias, name='fc2')(h)
 
 
 class TransformerBlock(nn.Module):
@@ -190,7 +200,8 @@ class TransformerBlock(nn.Module):
 
   Used by the LM, the ViT tokenizer and the AR image model; `mask`, `bias`, RoPE and the KV
   cache pass through to Attention. `dropout` applies to both residual branches in training
-  (needs a 'dropout' rng).
+  (needs a 'dropout' rng). `use_bias=False` removes the attention and GELU-MLP biases,
+  `norm_affine=False` the two LayerNorms' scale and bias (FlexTok's plain pre-norms).
   """
   num_heads: int
   mlp_dim: int
@@ -198,17 +209,20 @@ class TransformerBlock(nn.Module):
   qk_norm: bool = False
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  norm_affine: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None, bias=None, rope_positions=None, decode=False,
                cache_index=None, cache_len=None, train=False):
     drop = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0)
-    h = LayerNorm(dtype=self.dtype, name='norm1')(x)
-    x = x + drop(Attention(self.num_heads, self.qk_norm, dtype=self.dtype, name='attn')(
+    h = LayerNorm(self.norm_affine, dtype=self.dtype, name='norm1')(x)
+    x = x + drop(Attention(self.num_heads, self.qk_norm, dtype=self.dtype,
+                           use_bias=self.use_bias, name='attn')(
         h, mask, bias, rope_positions=rope_positions, decode=decode, cache_index=cache_index,
         cache_len=cache_len))
-    h = LayerNorm(dtype=self.dtype, name='norm2')(x)
-    x = x + drop(Mlp(self.mlp_dim, self.mlp_kind, self.dtype, name='mlp')(h))
+    h = LayerNorm(self.norm_affine, dtype=self.dtype, name='norm2')(x)
+    x = x + drop(Mlp(self.mlp_dim, self.mlp_kind, self.dtype, self.use_bias, name='mlp')(h))
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
 

@@ -31,6 +31,22 @@ def nearest_codes(z, codebook, l2):
   return jnp.argmin(dist, -1)
 
 
+def restart_dead_codes(codebook, z, codes, rng, l2):
+  """Codebook [K, D] with every code that no token of the batch chose moved onto an encoder
+  output z [..., D] of the batch drawn at random (dead codes get no gradient, so without a
+  restart they stay dead). With l2 codes the new rows get the live rows' mean norm, so that
+  Adam's fixed-size steps turn them as fast as the others."""
+  k = codebook.shape[0]
+  z = z.reshape(-1, z.shape[-1]).astype(codebook.dtype)
+  dead = jnp.bincount(codes.reshape(-1), length=k) == 0
+  new = z[jax.random.randint(rng, (k,), 0, z.shape[0])]
+  if l2:
+    norms = jnp.linalg.norm(codebook, axis=-1)
+    live_norm = jnp.sum(jnp.where(dead, 0.0, norms)) / jnp.maximum(jnp.sum(~dead), 1)
+    new = l2_normalize(new) * live_norm
+  return jnp.where(dead[:, None], new, codebook)
+
+
 class Quantizer(nn.Module):
   """Codebook learned by gradient (no EMA): codebook loss ||sg(z) - e||^2 and commitment
   ||z - sg(e)||^2 (the caller weights it by beta); straight-through z + sg(e - z)."""
@@ -113,11 +129,14 @@ class VitVQGAN(nn.Module):
   def num_tokens(self):
     return (self.image_size // self.patch_size) ** 2
 
+  def encoder_outputs(self, images):
+    """The encoder's vectors before quantisation, [B, N, code_dim] (float32)."""
+    x = layers.patchify(images.astype(self.dtype), self.patch_size)
+    return self.to_code(self.encoder(x).astype(jnp.float32))
+
   def encode(self, images):
     """-> (straight-through code vectors [B, N, code_dim], codes [B, N], VQ losses)."""
-    x = layers.patchify(images.astype(self.dtype), self.patch_size)
-    z = self.to_code(self.encoder(x).astype(jnp.float32))
-    return self.quantizer(z)
+    return self.quantizer(self.encoder_outputs(images))
 
   def decode(self, quantized):
     """Code vectors [B, N, code_dim] -> (mu, log_b) [B, H, W, C] of the logit-Laplace."""

@@ -30,16 +30,26 @@ class RectifiedFlow:
   def velocity(self, denoise, z, t):
     return denoise(z, jnp.full((z.shape[0],), t * self.time_scale, jnp.float32))
 
-  def sample(self, denoise, noise, rng, *, num_steps, method='euler'):
+  def sample(self, denoise, noise, rng, *, num_steps, method='euler', state=None):
     """Integrate from noise at t=1 to data at t=0 in `num_steps` uniform steps.
 
     Heun corrects every step but the last (its endpoint t=0 is outside the model's
-    training range), so it costs 2 * num_steps - 1 network evaluations.
+    training range), so it costs 2 * num_steps - 1 network evaluations. With `state` (e.g.
+    adaptive projected guidance's momentum buffer) the loop is Euler and carries it:
+    denoise(z, t, state) -> (v, state).
     """
     del rng  # deterministic ODE
     if method not in ('euler', 'heun'):
       raise ValueError(f'unknown flow sampler {method!r}: use euler or heun')
     dt = 1.0 / num_steps
+    if state is not None:
+      def stateful_euler(i, carry):
+        z, s = carry
+        t = jnp.full((z.shape[0],), (1.0 - i * dt) * self.time_scale, jnp.float32)
+        v, s = denoise(z, t, s)
+        return z - dt * v, s
+
+      return jax.lax.fori_loop(0, num_steps, stateful_euler, (noise, state))[0]
 
     def euler(i, z):
       return z - dt * self.velocity(denoise, z, 1.0 - i * dt)
