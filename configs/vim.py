@@ -4,13 +4,19 @@ r"""VIM (stage 2): class-conditional autoregressive generation over a trained Vi
   python -m jaxgen.main --config=configs/vim.py:demo --workdir=workdirs/vim \
       --config.tokenizer.workdir=workdirs/vitvqgan
   python -m jaxgen.main --config=configs/vim.py:VIM-L --mode=info
+  python -m jaxgen.main --config=configs/vim.py:demo,flextok --workdir=workdirs/flextok_ar \
+      --config.tokenizer.workdir=workdirs/flextok
+
+Argument: <variant>[,flextok].
 
 Variants: `tiny` (tests), `demo` (Fashion-MNIST over the vitvqgan demo tokenizer: 512 codes,
 64 tokens per image) and the paper's `VIM-B` (24 blocks, width 1536) and `VIM-L` (36, 2048)
 over an ImageNet-256 tokenizer (8192 codes, 32x32 = 1024 tokens), Adam (0.9, 0.96), 5k
 warm-up to 4.5e-4 then cosine to 1e-5, batch 1024, 450k steps, dropout 0.1. Samples use
 temperature / top-k / top-p and, with sample.cfg_scale != 1 (needs model.class_dropout > 0
-in training), classifier-free guidance.
+in training), classifier-free guidance. `,flextok` models a FlexTok tokenizer's ordered
+tokens instead (tiny: 75 codes x 8 tokens; demo: FSQ 8x5x5x5 = 1000 codes x 32 tokens);
+`--config.sample.num_tokens=k` then generates only the first k tokens and decodes those.
 """
 import ml_collections
 
@@ -23,16 +29,18 @@ VARIANTS = ('tiny', 'demo', *SIZES)
 
 
 def get_config(arg='demo'):
-  if arg not in VARIANTS:
-    raise UserError(f'unknown vim variant {arg!r}: use one of {VARIANTS} '
-                    '(e.g. configs/vim.py:demo)')
+  arg, _, tokenizer = arg.partition(',')
+  if arg not in VARIANTS or tokenizer not in ('', 'flextok'):
+    raise UserError(f'unknown vim variant {arg!r}: use one of {VARIANTS}, optionally with '
+                    '",flextok" (e.g. configs/vim.py:demo or configs/vim.py:demo,flextok)')
   c = config_base.base_config()
   c.family = 'vim'
-  c.tokenizer = ml_collections.ConfigDict(dict(workdir='', codebook_size=8192, num_tokens=1024))
+  c.tokenizer = ml_collections.ConfigDict(dict(family=tokenizer or 'vitvqgan', workdir='',
+                                               codebook_size=8192, num_tokens=1024))
   c.model = ml_collections.ConfigDict(dict(width=1536, depth=24, num_heads=16, mlp_dim=6144,
                                            dropout=0.1, class_dropout=0.0, dtype='float32'))
   c.sample = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0,
-                                            per_class=8, seed=0))
+                                            num_tokens=0, per_class=8, seed=0))
   c.optim.update(lr=4.5e-4, b1=0.9, b2=0.96, schedule='cosine', warmup_steps=5000,
                  end_lr_ratio=1e-5 / 4.5e-4, grad_clip=1.0, ema_decay=0.0)
   c.data.update(name='imagenet2012', image_size=256, channels=3, num_classes=1000)
@@ -41,6 +49,8 @@ def get_config(arg='demo'):
   if arg in SIZES:
     depth, width, heads = SIZES[arg]
     c.model.update(depth=depth, width=width, num_heads=heads, mlp_dim=4 * width)
+    if tokenizer == 'flextok':  # over configs/flextok.py:d18-d28 (FSQ 64,000 codes x 256)
+      c.tokenizer.update(codebook_size=64_000, num_tokens=256)
     return c
   c.data = config_base.base_config().data  # Fashion-MNIST 32x32x1
   c.model.class_dropout = 0.1
@@ -59,4 +69,7 @@ def get_config(arg='demo'):
     c.update(total_steps=2000, batch_size=64, log_every=50, checkpoint_every=500,
              sample_every=500)
     c.optim.update(lr=1e-3, warmup_steps=100, end_lr_ratio=0.05)
+  if tokenizer == 'flextok':  # over configs/flextok.py:<tiny|demo>
+    c.tokenizer.update(codebook_size=75 if arg == 'tiny' else 1000,
+                       num_tokens=8 if arg == 'tiny' else 32)
   return c

@@ -199,6 +199,24 @@ def test_tiny_cli_trains_samples_and_evaluates(tiny_vae, data_dir, tmp_path):
     row = saved['by_k'][k]
     assert row['mse'] > 0 and np.isfinite(row['psnr'])
   assert os.path.getsize(out / 'k_sweep.png') > 1000 and os.path.getsize(out / 'k_grid.png') > 500
+  # Stage 2: the shared AR model (VIM family) over this tokenizer's ordered tokens.
+  cfg = load_config('configs/vim.py', 'tiny,flextok')
+  cfg.data.data_dir = data_dir
+  cfg.tokenizer.workdir = workdir
+  vim = families.get_family(cfg)
+  params = nn.meta.unbox(vim.init_params(jax.random.PRNGKey(0)))
+  images = vim.tokenizer[0].fixed_test_images()
+  loss, _ = vim.loss(params, {'image': images, 'label': np.zeros(4, np.int32)},
+                     jax.random.PRNGKey(1), False)
+  assert abs(float(loss) - np.log(75)) < 1.0  # near uniform over the 75 FSQ codes at init
+  labels = jnp.arange(2, dtype=jnp.int32)
+  ids = vim.generate(params, labels, jax.random.PRNGKey(2), num_tokens=3)
+  assert ids.shape == (2, 3) and int(ids.max()) < 75
+  tok, tok_params = vim.tokenizer
+  assert tok.detokenize(tok_params, ids).shape == (2, 32, 32, 1)
+  cfg.tokenizer.num_tokens = 16
+  with pytest.raises(UserError, match='num_tokens=8'):
+    families.get_family(cfg)
 
 
 def test_bad_settings_are_one_line_errors(tiny_vae, data_dir):

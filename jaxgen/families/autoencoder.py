@@ -20,18 +20,13 @@ import abc
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxgen import optim, writers
-from jaxgen.families.base import FamilyBase
+from jaxgen import optim
+from jaxgen.families.base import FamilyBase, count_params
 from jaxgen.metrics import image as image_metrics
 from jaxgen.models import stylegan_disc
 from jaxgen.objectives import gan
-
-
-def count_params(tree):
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 class AutoencoderFamily(FamilyBase):
@@ -150,26 +145,14 @@ class AutoencoderFamily(FamilyBase):
                    **self.output_metrics(out))
     return self.generator_loss(terms), metrics
 
-  # -- samples: reconstructions of fixed test images ------------------------------
-  def sample_inputs(self):
-    if not hasattr(self, '_sample_images'):
-      n = self.config.sample.num_images
-      it = self.make_iterator('test', global_batch_size=n, seed=0, train=False)
-      self._sample_images = np.asarray(next(it)['image'])
-    return self._sample_images
-
+  # -- samples: reconstructions of fixed test images (FamilyBase.sample_inputs) -------
   def sample(self, params, rng, images):
     """Originals stacked over their reconstructions: [2B, H, W, C]."""
     del rng
     return jnp.concatenate([images, self.reconstruct(params, images)], axis=0)
 
-  def write_samples(self, outputs, stem, writer, step, save=True):
-    grid = writers.image_grid(outputs, 2, row_labels=['input', 'recon'])
-    if save:
-      writers.save_png(grid, stem + '.png')
-    if writer is not None:
-      writer.write_images(step, {'reconstructions': grid})
-    return stem + '.png'
+  def grid_layout(self):
+    return 2, ['input', 'recon'], 'reconstructions'
 
   # -- accounting ----------------------------------------------------------------
   def disc_train_flops(self):

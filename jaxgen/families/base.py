@@ -11,6 +11,10 @@ import numpy as np
 from jaxgen import data, optim, sampling, writers
 
 
+def count_params(tree):
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
 class FamilyBase(abc.ABC):
   """Subclasses implement init_params, loss, sample and flops_per_example."""
 

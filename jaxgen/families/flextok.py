@@ -16,8 +16,7 @@ from flax.core import FrozenDict
 
 from jaxgen import objectives, sampling
 from jaxgen.errors import UserError
-from jaxgen.families.autoencoder import count_params
-from jaxgen.families.base import FamilyBase
+from jaxgen.families.base import FamilyBase, count_params
 from jaxgen.metrics import codebook as codebook_metrics
 from jaxgen.models import flextok, fsq as fsq_lib, layers, registers
 
@@ -114,6 +113,15 @@ class Family(FamilyBase):
                       token_perplexity=codebook_metrics.codebook_perplexity(ids, k))
 
   # -- tokenizer API -----------------------------------------------------------------
+  @property
+  def num_codes(self):
+    return self.fsq.num_codes
+
+  @property
+  def num_tokens(self):
+    """Tokens per image: N, of which any prefix decodes."""
+    return self.config.model.num_registers
+
   def tokenize(self, params, images):
     """Images [B, H, W, C] in [-1, 1] -> token ids [B, N], ordered coarse to fine."""
     _, ids = self.model.apply({'params': params}, self.latent_patches(images),

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.errors import UserError
-from jaxgen.families.autoencoder import AutoencoderFamily, count_params
+from jaxgen.families.autoencoder import AutoencoderFamily
+from jaxgen.families.base import count_params
 from jaxgen.models import kl_vae
 
 TRAIN_HINT = ('train one first: python -m jaxgen.main --config=configs/kl_vae.py:demo '

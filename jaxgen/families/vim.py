@@ -1,9 +1,11 @@
 """VIM family: class-conditional autoregressive image generation over a trained tokenizer's codes.
 
-The tokenizer is a trained ViT-VQGAN workdir (config.tokenizer.workdir); images are tokenized
-on the fly inside the train step (its weights are frozen constants), the VIM model learns
-next-code prediction after a class token, and samples are decoded back to images by the
-tokenizer, so the trainer's PNG grids and FID evaluation work unchanged.
+The tokenizer is a trained workdir (config.tokenizer.workdir) of config.tokenizer.family:
+a ViT-VQGAN (codes in raster order) or FlexTok (ordered 1D tokens; sample.num_tokens = k < N
+generates only the first k and decodes them). Images are tokenized on the fly inside the
+train step (its weights are frozen constants), the model learns next-token prediction after a
+class token, and samples are decoded back to images by the tokenizer, so the trainer's PNG
+grids and FID evaluation work unchanged.
 """
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,9 @@ from jaxgen.families.base import FamilyBase
 from jaxgen.models import vim
 
 TOKENIZER_HINT = ('train one first: python -m jaxgen.main --config=configs/vitvqgan.py:demo '
-                  '--workdir=DIR, then --config.tokenizer.workdir=DIR')
+                  '(or configs/flextok.py:demo) --workdir=DIR, then '
+                  '--config.tokenizer.workdir=DIR')
+TOKENIZERS = ('vitvqgan', 'flextok')
 
 
 class Family(FamilyBase):
@@ -39,16 +43,16 @@ class Family(FamilyBase):
 
   def _load_tokenizer(self):
     t = self.config.tokenizer
+    if t.family not in TOKENIZERS:
+      raise UserError(f'unknown tokenizer.family {t.family!r}: use one of {TOKENIZERS}')
     from jaxgen import trainer
-    family, params, config, _ = trainer.load_trained(
-        t.workdir, 'vitvqgan', TOKENIZER_HINT, self.config.data.data_dir)
-    m = config.model
-    num_tokens = (config.data.image_size // m.patch_size) ** 2
-    if (m.codebook_size, num_tokens) != (t.codebook_size, t.num_tokens):
+    family, params, _, _ = trainer.load_trained(
+        t.workdir, t.family, TOKENIZER_HINT, self.config.data.data_dir)
+    if (family.num_codes, family.num_tokens) != (t.codebook_size, t.num_tokens):
       raise UserError(
-          f'tokenizer {t.workdir} has {m.codebook_size} codes and {num_tokens} tokens per '
-          f'image; set --config.tokenizer.codebook_size={m.codebook_size} '
-          f'--config.tokenizer.num_tokens={num_tokens}')
+          f'tokenizer {t.workdir} has {family.num_codes} codes and {family.num_tokens} tokens '
+          f'per image; set --config.tokenizer.codebook_size={family.num_codes} '
+          f'--config.tokenizer.num_tokens={family.num_tokens}')
     return family, params
 
   def tokenize(self, images):
@@ -75,9 +79,14 @@ class Family(FamilyBase):
     return jnp.mean(nll), dict(accuracy=accuracy, bits_per_token=jnp.mean(nll) / jnp.log(2.0))
 
   def generate(self, params, labels, rng, **overrides):
+    """Token ids [B, k] for class labels [B]; k = sample.num_tokens (0: all)."""
     s = self.config.sample
-    kw = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
+    kw = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale,
+              num_tokens=s.get('num_tokens') or None)
     kw.update(overrides)
+    if kw['num_tokens'] and not 1 <= kw['num_tokens'] <= self.config.tokenizer.num_tokens:
+      raise UserError(f"sample.num_tokens {kw['num_tokens']} is outside 1.."
+                      f'{self.config.tokenizer.num_tokens} (the tokenizer\'s tokens per image)')
     return vim.generate(self.model, params, labels, rng, **kw)
 
   def sample(self, params, rng, labels):

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from jaxgen.families.autoencoder import AutoencoderFamily, count_params
+from jaxgen.families.autoencoder import AutoencoderFamily
+from jaxgen.families.base import count_params
 from jaxgen.metrics import codebook as codebook_metrics
 from jaxgen.metrics import image as image_metrics
 from jaxgen.models import vitvqgan
@@ -98,6 +99,15 @@ class Family(AutoencoderFamily):
     return totals
 
   # -- tokenizer API -------------------------------------------------------------
+  @property
+  def num_codes(self):
+    return self.config.model.codebook_size
+
+  @property
+  def num_tokens(self):
+    """Tokens per image (raster order)."""
+    return self.model.num_tokens
+
   def tokenize(self, params, images):
     """Images [B, H, W, C] in [-1, 1] -> codes [B, N] (raster order)."""
     return self.model.apply({'params': params['generator']}, images,
