@@ -7,9 +7,9 @@ latent space of a trained KL-VAE.
   python -m jaxgen.main --config=configs/flextok.py:d18-d28 --mode=info
 
 Variants: `tiny` (tests, over configs/kl_vae.py:tiny's 16x16x4 latents), `demo` (Fashion-MNIST
-over the kl_vae demo's 8x8x4 latents: 16 patches, 32 registers, FSQ 8x5x5x5 = 1000 codes) and
-the paper's d12-d12, d18-d18, d18-d28 (encoder depth - decoder depth; width 64 x depth, head
-dim 64) over 32x32x16 latents of 256px ImageNet (configs/kl_vae.py:f8c16): 256 patches,
+over the kl_vae demo's 8x8x4 latents: 16 patches, 32 registers, FSQ 8x5x5x5 = 1000 codes,
+encoder and decoder 4 x 96) and the paper's d12-d12, d18-d18, d18-d28 (encoder depth -
+decoder depth; width 64 x depth, head dim 64) over 32x32x16 latents of 256px ImageNet (configs/kl_vae.py:f8c16): 256 patches,
 256 registers, FSQ 8x8x8x5x5x5 = 64,000 codes, Euler 25 steps with adaptive projected
 guidance at scale 7.5. The paper's optimizer and keep_k schedule are not published: AdamW
 lr 1e-4, 'pow2' keep_k and 10% null-condition dropout are our choices.
@@ -36,7 +36,9 @@ def get_config(arg='demo'):
                     '(e.g. configs/flextok.py:demo)')
   c = config_base.base_config()
   c.family = 'flextok'
-  c.vae = ml_collections.ConfigDict(dict(workdir='', latent_size=32, latent_channels=16))
+  # random_init: a configs/kl_vae.py variant built untrained instead of a workdir (benchmarks).
+  c.vae = ml_collections.ConfigDict(dict(workdir='', random_init='', latent_size=32,
+                                         latent_channels=16))
   c.model = ml_collections.ConfigDict(dict(
       patch_size=2, num_registers=256, levels=(8, 8, 8, 5, 5, 5), encoder=vit(12),
       decoder=vit(12), keep_k_mode='pow2', null_dropout=0.1, dtype='float32'))
@@ -69,10 +71,11 @@ def get_config(arg='demo'):
     c.optim.update(lr=1e-3, warmup_steps=0, schedule='constant')
   else:  # demo, over configs/kl_vae.py:demo (8x8x4 latents)
     c.vae.update(latent_size=8, latent_channels=4)
-    c.model.update(num_registers=32, levels=(8, 5, 5, 5), encoder=vit(4, 128, 4),
-                   decoder=vit(4, 128, 4))
+    # Sized for 2 CPU cores (~0.4 s/step, ~17 min): width 128 measured ~1 s/step at batch 32.
+    c.model.update(num_registers=32, levels=(8, 5, 5, 5), encoder=vit(4, 96, 3),
+                   decoder=vit(4, 96, 3))
     c.sample.update(num_steps=20, guidance_scale=2.0)
-    c.update(total_steps=3000, batch_size=64, log_every=50, checkpoint_every=500,
-             sample_every=1000, eval_every=1500)
+    c.update(total_steps=2500, batch_size=32, log_every=50, checkpoint_every=500,
+             sample_every=500, eval_every=1250)
     c.optim.update(lr=1e-3, end_lr_ratio=0.05)
   return c

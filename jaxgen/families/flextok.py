@@ -50,7 +50,11 @@ class Family(FamilyBase):
         enc=FrozenDict(m.encoder.to_dict()), dec=FrozenDict(m.decoder.to_dict()),
         dtype=jnp.dtype(m.dtype))
     self.objective = objectives.make_objective(config.objective)
-    self._vae = self._load_vae() if v.workdir else None  # outside any trace
+    self._vae = None
+    if v.workdir:  # restored now, outside any trace
+      self._vae = self._load_vae()
+    elif v.get('random_init'):  # benchmarks only: timing does not depend on the weights
+      self._vae = self._random_vae(v.random_init)
 
   # -- the frozen VAE --------------------------------------------------------------
   @property
@@ -73,6 +77,20 @@ class Family(FamilyBase):
       raise UserError(f'KL-VAE {v.workdir} takes {config.data.image_size}px images, FlexTok '
                       f'{self.config.data.image_size}px: set --config.data.image_size to match')
     return family, params
+
+  def _random_vae(self, variant):
+    """An untrained configs/kl_vae.py:<variant> (randomly initialised weights)."""
+    import os
+
+    import flax.linen as nn
+
+    from jaxgen import families
+    from jaxgen.config_base import load_config
+    path = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'kl_vae.py')
+    config = load_config(path, variant)
+    config.data = self.config.data
+    family = families.get_family(config)
+    return family, nn.meta.unbox(family.init_params(jax.random.PRNGKey(0)))
 
   def latent_patches(self, images):
     """Images -> the VAE's scaled posterior means as 2x2 patches [B, P, 4 c] (constants)."""
@@ -213,11 +231,15 @@ class Family(FamilyBase):
     return 1 + len(ks), ['input'] + [f'k={k}' for k in ks], 'reconstructions'
 
   # -- accounting ----------------------------------------------------------------------
-  def flops_per_example(self, train=True):
+  def flops_per_example(self, train=True, encode_only=False):
+    """Training: encoder + one decoder pass, x3. Otherwise tokenize + detokenize: the encoder
+    plus sample.num_steps decoder passes (x2 with guidance); `encode_only`: the encoder."""
     m = self.config.model
     enc, dec = flextok.flops_per_example(
         num_patches=self.num_patches, patch_dim=self.model.patch_dim,
         num_registers=m.num_registers, enc=m.encoder, dec=m.decoder, fsq_dim=self.fsq.dim)
+    if encode_only:
+      return enc
     if train:  # the frozen VAE encoder is not counted
       return 3 * (enc + dec)
     s = self.config.sample

@@ -43,11 +43,12 @@ class Family(FamilyBase):
 
   def _load_tokenizer(self):
     t = self.config.tokenizer
-    if t.family not in TOKENIZERS:
-      raise UserError(f'unknown tokenizer.family {t.family!r}: use one of {TOKENIZERS}')
+    kind = t.get('family', 'vitvqgan')  # workdirs from before FlexTok name none
+    if kind not in TOKENIZERS:
+      raise UserError(f'unknown tokenizer.family {kind!r}: use one of {TOKENIZERS}')
     from jaxgen import trainer
     family, params, _, _ = trainer.load_trained(
-        t.workdir, t.family, TOKENIZER_HINT, self.config.data.data_dir)
+        t.workdir, kind, TOKENIZER_HINT, self.config.data.data_dir)
     if (family.num_codes, family.num_tokens) != (t.codebook_size, t.num_tokens):
       raise UserError(
           f'tokenizer {t.workdir} has {family.num_codes} codes and {family.num_tokens} tokens '
