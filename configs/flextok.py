@@ -36,9 +36,10 @@ def get_config(arg='demo'):
                     '(e.g. configs/flextok.py:demo)')
   c = config_base.base_config()
   c.family = 'flextok'
-  # random_init: a configs/kl_vae.py variant built untrained instead of a workdir (benchmarks).
-  c.vae = ml_collections.ConfigDict(dict(workdir='', random_init='', latent_size=32,
-                                         latent_channels=16))
+  # random_init: a configs/kl_vae.py variant built untrained instead of a workdir (benchmarks);
+  # scale_factor: overrides the VAE's (0: keep it), so that the latents have unit variance.
+  c.vae = ml_collections.ConfigDict(dict(workdir='', random_init='', scale_factor=0.0,
+                                         latent_size=32, latent_channels=16))
   c.model = ml_collections.ConfigDict(dict(
       patch_size=2, num_registers=256, levels=(8, 8, 8, 5, 5, 5), encoder=vit(12),
       decoder=vit(12), keep_k_mode='pow2', null_dropout=0.1, dtype='float32'))

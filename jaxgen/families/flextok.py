@@ -73,6 +73,8 @@ class Family(FamilyBase):
     if got != (v.latent_size, v.latent_channels):
       raise UserError(f'KL-VAE {v.workdir} has {got[0]}x{got[0]}x{got[1]} latents; set '
                       f'--config.vae.latent_size={got[0]} --config.vae.latent_channels={got[1]}')
+    if v.get('scale_factor'):  # e.g. 1 / std measured by KL-VAE measure_latent_scale
+      family.config.model.scale_factor = v.scale_factor
     if config.data.image_size != self.config.data.image_size:
       raise UserError(f'KL-VAE {v.workdir} takes {config.data.image_size}px images, FlexTok '
                       f'{self.config.data.image_size}px: set --config.data.image_size to match')
