@@ -112,9 +112,14 @@ class Family(FamilyBase):
     return self.model.init(rng, x, jnp.zeros((1,), jnp.float32))['params']
 
   def loss(self, params, batch, rng, train):
+    loss, metrics, _ = self._objective(params, batch['image'], rng, train)
+    return loss, metrics
+
+  def _objective(self, params, images, rng, train):
+    """(flow loss, metrics, token ids): the ids let eval count tokens without re-encoding."""
     m = self.config.model
     k_rng, null_rng, obj_rng = jax.random.split(rng, 3)
-    x0 = self.latent_patches(batch['image'])
+    x0 = self.latent_patches(images)
     b = x0.shape[0]
     codes, ids = self.model.apply({'params': params}, x0, method=flextok.FlexTok.encode)
     keep_k = registers.sample_keep_k(k_rng, b, m.num_registers, m.keep_k_mode)
@@ -130,7 +135,7 @@ class Family(FamilyBase):
     k = self.fsq.num_codes
     return loss, dict(metrics, keep_k_mean=jnp.mean(keep_k.astype(jnp.float32)),
                       token_usage=codebook_metrics.codebook_usage(ids, k),
-                      token_perplexity=codebook_metrics.codebook_perplexity(ids, k))
+                      token_perplexity=codebook_metrics.codebook_perplexity(ids, k)), ids
 
   # -- tokenizer API -----------------------------------------------------------------
   @property
@@ -203,9 +208,8 @@ class Family(FamilyBase):
 
   # -- eval and samples ----------------------------------------------------------------
   def eval_metrics(self, params, batch, rng):
-    loss, metrics = self.loss(params, batch, rng, train=False)
-    hist = codebook_metrics.code_histogram(self.tokenize(params, batch['image']),
-                                           self.fsq.num_codes)
+    loss, metrics, ids = self._objective(params, batch['image'], rng, train=False)
+    hist = codebook_metrics.code_histogram(ids, self.fsq.num_codes)
     return dict(metrics, loss=loss, token_histogram=hist)
 
   def reduce_eval_metrics(self, totals):
