@@ -4,8 +4,8 @@ images/s against the number of Euler steps.
   python benchmarks/flextok.py                                      # tiny and demo (CPU)
   python benchmarks/flextok.py --configs d18-d28 --batch 32 --dtype bfloat16   # on a GPU
 
-The KL-VAE is an untrained configs/kl_vae.py variant (--vae: demo for the Fashion-MNIST
-configs, f8c16 for the paper's) built with random weights (`vae.random_init`): timings do not
+The KL-VAE is an untrained configs/kl_vae.py variant (the same name for tiny and demo,
+f8c16 for the paper's) built with random weights (`vae.random_init`): timings do not
 depend on the weights, and no trained VAE is needed. Batches are synthetic.
 
 Training: the trainer's compiled step (frozen VAE encoder, FlexTok encoder, nested dropout,
@@ -23,6 +23,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common, train_step  # noqa: E402
+from jaxgen import trainer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,14 +48,13 @@ def parse_args(argv=None):
 
 
 def vae_variant(variant):
-  return 'demo' if variant in ('tiny', 'demo') else 'f8c16'
+  """The configs/kl_vae.py variant whose latents the FlexTok variant is sized for."""
+  return variant if variant in ('tiny', 'demo') else 'f8c16'
 
 
-def bench_decode(config, label, num_steps, args, ceilings, peak):
-  from jaxgen import trainer
-  exp = trainer.Experiment(config, workdir=None)
-  fam = exp.family
-  params = exp.init_state().ema_params
+def bench_decode(exp, params, label, num_steps, args, ceilings, peak):
+  """One row: `exp`'s detokenize from all N tokens over `num_steps` Euler steps."""
+  fam, config = exp.family, exp.config
   b = args.decode_batch
   ids = jax.random.randint(jax.random.PRNGKey(0), (b, config.model.num_registers), 0,
                            fam.num_codes)
@@ -95,9 +95,12 @@ def main(argv=None):
     print(f"  {variant}: {train_rows[-1]['step_ms_median']:.1f} ms/step, "
           f"{train_rows[-1]['images_per_s']:.1f} img/s, MFU "
           f"{train_rows[-1]['mfu_measured']:.3f}", flush=True)
+    # One model (and untrained VAE) for every step count: only the sampler differs.
+    exp = trainer.Experiment(config.copy_and_resolve_references(), workdir=None)
+    params = exp.init_state().ema_params
     for num_steps in (int(s) for s in args.decode_steps.split(',') if s):
-      row = bench_decode(config.copy_and_resolve_references(), label, num_steps, args,
-                         ceilings, machine['peak_bf16_flops'])
+      row = bench_decode(exp, params, label, num_steps, args, ceilings,
+                         machine['peak_bf16_flops'])
       decode_rows.append(row)
       print(f"  {variant} decode {num_steps} steps: {row['images_per_s']:.1f} img/s", flush=True)
   print(common.format_table(train_rows, train_step.COLUMNS))
