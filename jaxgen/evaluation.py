@@ -6,6 +6,9 @@
              (for a tokenizer, which reconstructs, rFID: its reconstructions of real_split)
   is         Inception Score of the generated samples (the feature net's logits)
   pr         improved precision / recall (k-NN manifolds, k = eval.pr_k)
+  acc        class agreement: the share of class-conditional samples that the feature net's
+             classifier (fmnist_classifier only: its classes are the dataset's) assigns to
+             the class they were drawn for, and the worst class's share
 
 Every score is labelled with the network that produced it, e.g. `eval/fid[fmnist_classifier_v1]`:
 `inception` (the standard pt_inception-2015-12-05 FID network, from a local weights file)
@@ -30,9 +33,9 @@ from jaxgen import sharding
 from jaxgen.errors import UserError
 from jaxgen.metrics import frechet, scores
 
-METRICS = ('loss', 'fid', 'is', 'pr')
+METRICS = ('loss', 'fid', 'is', 'pr', 'acc')
 FEATURE_NETS = ('fmnist_classifier', 'inception')
-SAMPLE_METRICS = ('fid', 'is', 'pr')
+SAMPLE_METRICS = ('fid', 'is', 'pr', 'acc')
 
 
 def metric_names(eval_cfg):
@@ -57,6 +60,9 @@ def check_config(eval_cfg):
     raise UserError('--config.eval.feature_net=inception needs the FID Inception weights: '
                     'pass --config.eval.inception_path=/path/to/pt_inception-2015-12-05.pth '
                     '(or an .npz from scripts/convert_torch_weights.py)')
+  if 'acc' in names and eval_cfg.feature_net != 'fmnist_classifier':
+    raise UserError('eval metric acc needs a classifier over the dataset\'s classes: use '
+                    '--config.eval.feature_net=fmnist_classifier (Inception\'s are ImageNet\'s)')
 
 
 # ----------------------------------------------------------------------------
@@ -229,4 +235,20 @@ def sample_metrics(exp, params, net=None):
   if 'pr' in wanted:
     precision, recall = scores.precision_recall(real['pool'], gen['pool'], k=e.pr_k)
     out[f'eval/precision{tag}'], out[f'eval/recall{tag}'] = float(precision), float(recall)
+  if 'acc' in wanted:
+    if exp.family.reconstructs:
+      raise UserError(f'eval metric acc scores class-conditional samples; {c.family} '
+                      'reconstructs images: drop acc from --config.eval.metrics')
+    mean, worst = class_agreement(gen['logits'], c.data.num_classes)
+    out[f'eval/class_acc{tag}'], out[f'eval/class_acc_min{tag}'] = mean, worst
   return out
+
+
+def class_agreement(logits, num_classes):
+  """(share of samples classified as the class they were drawn for, the worst class's
+  share) for logits [N, num_classes] of samples whose labels are i % num_classes (as
+  `generated_features` draws them)."""
+  labels = np.arange(len(logits)) % num_classes
+  hit = np.argmax(logits, axis=-1) == labels
+  per_class = [hit[labels == k].mean() for k in range(min(num_classes, len(logits)))]
+  return float(hit.mean()), float(min(per_class))

@@ -131,3 +131,29 @@ def test_real_stats_are_streamed_and_a_reference_file_replaces_them(tiny_config,
   cfg.eval.reference_stats = shifted
   assert evaluation.sample_metrics(exp, params, net=net)[f'eval/fid{tag}'] != pytest.approx(
       computed, rel=1e-3)
+
+
+def test_class_agreement_counts_samples_classified_as_their_label(tiny_config):
+  """Samples are flat images whose grey level says their class, except that class 3 draws
+  class 4's image; the 'classifier' reads the grey level. Over 8 devices and 3 batches the
+  metric must find 36 of 40 right and class 3 always wrong."""
+  cfg = tiny_config()
+  cfg.eval.update(metrics='acc', num_samples=40, batch_size=16)
+  exp = trainer.Experiment(cfg, workdir=None)
+  assert exp.mesh.size == 8
+
+  def sample(params, rng, labels):
+    drawn = jax.numpy.where(labels == 3, 4, labels)
+    return jax.numpy.broadcast_to((drawn / 10.0)[:, None, None, None], (len(labels), 32, 32, 1))
+  exp.family.sample = sample
+
+  def apply(variables, images):
+    grey = images.mean(axis=(1, 2, 3))
+    logits = -jax.numpy.abs(grey[:, None] - jax.numpy.arange(10) / 10.0)
+    return {'pool': logits, 'logits': logits}
+  net = evaluation.FeatureNet('grey_level', {}, apply)
+  out = evaluation.sample_metrics(exp, None, net=net)
+  assert out == {'eval/class_acc[grey_level]': 0.9, 'eval/class_acc_min[grey_level]': 0.0}
+  cfg.eval.update(feature_net='inception', inception_path='/weights/inception.npz')
+  with pytest.raises(UserError, match='fmnist_classifier'):
+    evaluation.check_config(cfg.eval)

@@ -8,8 +8,12 @@ import json
 import os
 import time
 
+import shutil
+
 import nbformat
 from nbclient import NotebookClient
+
+from conftest import FAST_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(REPO, 'colabs')
@@ -19,11 +23,15 @@ TINY_RUN = {
     'JAXGEN_NB_TOTAL_STEPS': '3',
     'JAXGEN_NB_TOKENIZER_STEPS': '3',
     'JAXGEN_NB_VIM_STEPS': '3',
+    'JAXGEN_NB_FLEXTOK_STEPS': '3',
+    'JAXGEN_NB_AR_STEPS': '3',
     'JAXGEN_NB_BATCH_SIZE': '8',
     'JAXGEN_NB_LOG_EVERY': '1',
     'JAXGEN_NB_SAMPLE_STEPS': '2',
     'JAXGEN_NB_CFG_SCALES': '1.0,3.0',
     'JAXGEN_REPO': REPO,
+    # One device: the tiny runs gain nothing from 8 simulated ones but compile slower.
+    'XLA_FLAGS': FAST_XLA_FLAGS,
 }
 
 
@@ -33,7 +41,10 @@ def _errors(nb):
           for out in cell.get('outputs', []) if out.get('output_type') == 'error']
 
 
-def test_every_notebook_runs(tmp_path, monkeypatch):
+def test_every_notebook_runs(tmp_path, monkeypatch, tiny_vae):
+  # The FlexTok notebook's first section resumes the session's trained tiny KL-VAE (a copy).
+  shutil.copytree(tiny_vae[0], tmp_path / 'kl_vae')
+  monkeypatch.setenv('JAXGEN_NB_VAE_WORKDIR', str(tmp_path / 'kl_vae'))
   paths = sorted(glob.glob(os.path.join(COLABS, '*.ipynb')))
   assert paths, f'no notebooks in {COLABS}'
   for name, value in TINY_RUN.items():
