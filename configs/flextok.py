@@ -13,6 +13,12 @@ decoder depth; width 64 x depth, head dim 64) over 32x32x16 latents of 256px Ima
 256 registers, FSQ 8x8x8x5x5x5 = 64,000 codes, Euler 25 steps with adaptive projected
 guidance at scale 7.5. The paper's optimizer and keep_k schedule are not published: AdamW
 lr 1e-4, 'pow2' keep_k and 10% null-condition dropout are our choices.
+
+REPA (off unless --config.repa.weight > 0): decoder block repa.layer's patch tokens, through a
+3-layer MLP projector (repa.hidden), align with map repa.tap of the frozen perceptual network
+repa.net pooled to the patch grid. The paper uses DINOv2-L (weight and layer unpublished);
+offline, repa.net=fmnist_classifier (its 16/8/4-pixel maps: tap -1 is the 4x4 one) or
+lpips_vgg16 with --config.repa.paths.vgg_path=... work; REPA's own default weight is 0.5.
 """
 import ml_collections
 
@@ -43,6 +49,9 @@ def get_config(arg='demo'):
   c.model = ml_collections.ConfigDict(dict(
       patch_size=2, num_registers=256, levels=(8, 8, 8, 5, 5, 5), encoder=vit(12),
       decoder=vit(12), keep_k_mode='pow2', null_dropout=0.1, dtype='float32'))
+  c.repa = ml_collections.ConfigDict(dict(weight=0.0, layer=1, hidden=2048,
+                                          net='fmnist_classifier', tap=-1,
+                                          paths=dict(vgg_path='', lin_path='', path='')))
   c.objective = ml_collections.ConfigDict(dict(name='rectified_flow', logit_mean=0.0,
                                                logit_std=1.0))
   c.sample = ml_collections.ConfigDict(dict(
@@ -70,6 +79,7 @@ def get_config(arg='demo'):
              sample_every=0, progress_bar=False, eval_batches=1)
     c.eval.update(metrics='loss', num_samples=16, num_real=16)
     c.optim.update(lr=1e-3, warmup_steps=0, schedule='constant')
+    c.repa.update(layer=0, hidden=32)
   else:  # demo, over configs/kl_vae.py:demo (8x8x4 latents)
     c.vae.update(latent_size=8, latent_channels=4)
     # Sized for 2 CPU cores (~0.4 s/step, ~17 min): width 128 measured ~1 s/step at batch 32.
@@ -79,4 +89,5 @@ def get_config(arg='demo'):
     c.update(total_steps=2500, batch_size=32, log_every=50, checkpoint_every=500,
              sample_every=500, eval_every=1250)
     c.optim.update(lr=1e-3, end_lr_ratio=0.05)
+    c.repa.update(layer=1, hidden=256)
   return c

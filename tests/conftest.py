@@ -7,7 +7,7 @@ import sys
 # dominates the tests' time on 2 cores: XLA's backend optimisation level 0 halves
 # it (the tests' tiny models do not care about run-time speed), and a persistent
 # compilation cache lets repeated CLI runs of one config skip it altogether.
-FAST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+FAST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(REPO, '.pytest_cache', 'jax-compilation-cache'))

@@ -1,5 +1,6 @@
 """FlexTok: register order, nested dropout and the null condition inside the model; the
 tokenizer family over a trained tiny KL-VAE (training loop, every k, one compiled sampler)."""
+import functools
 import json
 import os
 
@@ -15,7 +16,7 @@ from flax.core import FrozenDict
 from conftest import load_config, run_cli
 from jaxgen import families
 from jaxgen.errors import UserError
-from jaxgen.models import flextok
+from jaxgen.models import flextok, registers
 
 P, N, PD = 16, 8, 16  # patches, registers, patch dim
 
@@ -168,6 +169,65 @@ def test_fixed_batch_loss_falls(tiny_flextok):
   # Straight through FSQ the encoder learns from the flow loss (not at step 0: adaLN-Zero
   # gates and the zero head keep the registers out of the first output).
   assert float(optax.tree.norm(grads['encoder'])) > 0
+
+
+def test_repa_aligns_decoder_features_and_trains_only_blocks_up_to_its_layer(
+    tiny_vae, data_dir, tmp_path):
+  """REPA with a classifier file the test writes: the loss is the flow loss minus weight x
+  the cosine alignment, which equals a NumPy recomputation from the projected decoder
+  features and the pooled classifier map; its gradient reaches decoder block 0 (repa.layer)
+  and the projector but not block 1 or the output head."""
+  from jaxgen.data import default_data_config
+  from jaxgen.metrics import fmnist_net
+  from jaxgen.models.fmnist_classifier import FmnistClassifier
+  net_cfg = default_data_config()
+  net_cfg.data_dir = str(tmp_path)
+  variables = FmnistClassifier().init(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 1)))
+  path = fmnist_net.save_classifier(net_cfg, variables, 0.5)
+
+  cfg = load_config('configs/flextok.py', 'tiny')
+  cfg.data.data_dir = data_dir
+  cfg.vae.workdir = tiny_vae[0]
+  cfg.model.decoder.depth = 2
+  cfg.repa.update(weight=0.5, layer=0, tap=-1)
+  cfg.repa.paths.path = path
+
+  fam = families.get_family(cfg)
+  params = _perturbed(fam.init_params(jax.random.PRNGKey(0)), 0.3)
+  assert {k for k in params['decoder'] if k.startswith('repa')} == \
+      {'repa_proj0', 'repa_proj1', 'repa_proj2'}
+  batch, rng = {'image': _images(fam, 4)}, jax.random.PRNGKey(1)
+  loss, metrics = jax.jit(lambda p: fam.loss(p, batch, rng, False))(params)
+  np.testing.assert_allclose(loss, metrics['flow_loss'] - 0.5 * metrics['repa_cos'], rtol=1e-5)
+  # Independently: the decoder pass the loss makes (its keep_k, t and noise redrawn from the
+  # same keys), the projected block-0 features and the classifier's 4x4 map, in NumPy.
+  k_rng, _, o_rng = jax.random.split(rng, 3)
+  t_rng, n_rng = jax.random.split(o_rng)
+  keep_k = registers.sample_keep_k(k_rng, 4, N, fam.config.model.keep_k_mode)
+  x0 = fam.latent_patches(batch['image'])
+  t = fam.objective.sample_t(t_rng, 4)
+  z = (1 - t[:, None, None]) * x0 + t[:, None, None] * jax.random.normal(n_rng, x0.shape)
+  codes, _ = fam.model.apply({'params': params}, x0, method=flextok.FlexTok.encode)
+  _, state = jax.jit(functools.partial(fam.model.apply, method=flextok.FlexTok.decode,
+                                       mutable=['intermediates']))(
+      {'params': params}, z, t * fam.objective.time_scale, codes, keep_k)
+  h = np.asarray(state['intermediates']['decoder']['repa_features'][0], np.float64)
+  maps = np.asarray(fmnist_net.fmnist_taps(variables, batch['image'])[-1], np.float64)
+  assert h.shape == (4, 16, maps.shape[-1]) and maps.shape[1:3] == (4, 4)
+  y = maps.reshape(4, 16, -1)
+  cos = np.sum(h * y, -1) / np.linalg.norm(h, axis=-1) / np.linalg.norm(y, axis=-1)
+  np.testing.assert_allclose(float(metrics['repa_cos']), np.mean(cos), rtol=1e-4)
+
+  grad = lambda: jax.jit(jax.grad(lambda p: fam.loss(p, batch, rng, True)[0]))(params)
+  grad_all = grad()
+  fam.repa_weight = 0.0  # the same model and keys, the flow loss alone
+  grad_flow = grad()
+  norm = lambda tree: float(optax.tree.norm(tree))
+  diff = lambda name: norm(jax.tree.map(jnp.subtract, grad_all['decoder'][name],
+                                        grad_flow['decoder'][name]))
+  assert diff('block0') > 1e-6 and norm(grad_all['decoder']['repa_proj2']) > 0
+  for name in ('block1', 'final_proj', 'final_adaLN'):
+    assert diff(name) < 1e-7, name
 
 
 def test_tiny_cli_trains_samples_and_evaluates(tiny_vae, data_dir, tmp_path):

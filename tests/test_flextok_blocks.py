@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from jaxgen import sampling
+from jaxgen.errors import UserError
 from jaxgen.models import layers
 from jaxgen.models.fsq import FSQ
+from jaxgen.objectives import repa
 from jaxgen.models.registers import (causal_last_mask, nested_dropout, null_condition,
                                      sample_keep_k)
 
@@ -227,3 +229,20 @@ def test_block_without_bias_equals_zero_bias_block():
 
   out, ref = both(x)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_repa_pooling_and_alignment_match_numpy():
+  rng = np.random.default_rng(0)
+  maps = rng.normal(size=(2, 8, 8, 5))
+  pooled = np.asarray(repa.pool_to_patches(jnp.asarray(maps), 4))
+  want = np.stack([[maps[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(0, 1))
+                    for i in range(4) for j in range(4)] for b in range(2)])
+  np.testing.assert_allclose(pooled, want, atol=1e-6)
+  h, y = rng.normal(size=(2, 16, 5)), rng.normal(size=(2, 16, 5))
+  cos = [np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)
+         for a, b in zip(h.reshape(-1, 5), y.reshape(-1, 5))]
+  np.testing.assert_allclose(float(repa.alignment(jnp.asarray(h), jnp.asarray(y))),
+                             np.mean(cos), rtol=1e-5)
+  assert float(repa.alignment(jnp.asarray(y) * 3.0, jnp.asarray(y))) == pytest.approx(1.0)
+  with pytest.raises(UserError, match='patch grid'):
+    repa.pool_to_patches(jnp.zeros((1, 6, 6, 2)), 4)

@@ -4,7 +4,10 @@ trained in the latent space of a trained KL-VAE (config.vae.workdir).
 Each step: images -> VAE latents (frozen, posterior mean) -> 2x2 patches x0 -> encoder ->
 FSQ codes; keep_k ~ config.model.keep_k_mode and registers past it masked (nested dropout);
 a share model.null_dropout of rows see only the null token (for guidance); the decoder
-learns the velocity eps - x0 of z_t = (1 - t) x0 + t eps with t logit-normal.
+learns the velocity eps - x0 of z_t = (1 - t) x0 + t eps with t logit-normal. With
+repa.weight > 0 the loss adds REPA: decoder block repa.layer's patch tokens, through a
+projector, align (cosine) with a frozen feature network's map of the clean image
+(`jaxgen.metrics.perceptual` network repa.net, map repa.tap, pooled to the patch grid).
 
 Tokenizer API: `tokenize(images) -> ids [B, N]`, `detokenize(ids[:, :k])` for any k (Euler
 over sample.num_steps steps, compiled whole, with CFG or adaptive projected guidance),
@@ -19,6 +22,7 @@ from jaxgen.errors import UserError
 from jaxgen.families.base import FamilyBase, count_params
 from jaxgen.metrics import codebook as codebook_metrics
 from jaxgen.models import flextok, fsq as fsq_lib, layers, registers
+from jaxgen.objectives import repa
 
 VAE_HINT = ('train one first: python -m jaxgen.main --config=configs/kl_vae.py:demo '
             '--workdir=DIR, then --config.vae.workdir=DIR')
@@ -44,11 +48,23 @@ class Family(FamilyBase):
                       f'size {v.latent_size}')
     self.fsq = fsq_lib.FSQ(tuple(m.levels))
     self.num_patches = (v.latent_size // m.patch_size) ** 2
+    r = config.get('repa') or {}
+    self.repa_weight = float(r.get('weight', 0.0))
+    self.repa_net, repa_dim = None, 0
+    if self.repa_weight:
+      if not 0 <= r.layer < m.decoder.depth:
+        raise UserError(f'repa.layer {r.layer} is not a decoder block (0..'
+                        f'{m.decoder.depth - 1})')
+      self.repa_net = self._load_repa_net()
+      repa_dim = self.repa_target(jnp.zeros((1, config.data.image_size,
+                                             config.data.image_size, config.data.channels)),
+                                  shape_only=True).shape[-1]
     self.model = flextok.FlexTok(
         num_patches=self.num_patches, patch_dim=m.patch_size ** 2 * v.latent_channels,
         num_registers=m.num_registers, levels=self.fsq.levels,
         enc=FrozenDict(m.encoder.to_dict()), dec=FrozenDict(m.decoder.to_dict()),
-        dtype=jnp.dtype(m.dtype))
+        repa_layer=r.get('layer', -1) if self.repa_weight else -1, repa_dim=repa_dim,
+        repa_hidden=r.get('hidden', 2048), dtype=jnp.dtype(m.dtype))
     self.objective = objectives.make_objective(config.objective)
     self._vae = None
     if v.workdir:  # restored now, outside any trace
@@ -106,6 +122,23 @@ class Family(FamilyBase):
     latents = layers.unpatchify(patches, self.config.model.patch_size, v.latent_channels)
     return jnp.clip(family.decode_latents(params, latents), -1.0, 1.0)
 
+  # -- REPA's frozen feature network -----------------------------------------------
+  def _load_repa_net(self):
+    from jaxgen.metrics import perceptual
+    r = self.config.repa
+    paths = {k: val for k, val in (r.get('paths') or {}).items() if val}
+    if r.net == 'fmnist_classifier' and not paths:
+      paths = {'data_dir': self.config.data.data_dir}
+    return perceptual.make_perceptual(r.net, **paths)
+
+  def repa_target(self, images, shape_only=False):
+    """The frozen network's map repa.tap of `images`, pooled to the patch grid [B, P, F]."""
+    maps = lambda x: self.repa_net.features_fn(self.repa_net.variables, x)[self.config.repa.tap]
+    if shape_only:
+      return jax.eval_shape(maps, images)
+    grid = int(round(self.num_patches ** 0.5))
+    return jax.lax.stop_gradient(repa.pool_to_patches(maps(images), grid))
+
   # -- training --------------------------------------------------------------------
   def init_params(self, rng):
     x = jnp.zeros((1, self.num_patches, self.model.patch_dim), jnp.float32)
@@ -127,11 +160,22 @@ class Family(FamilyBase):
     if train and m.null_dropout > 0:
       null = jax.random.bernoulli(null_rng, m.null_dropout, (b,))
 
+    hidden = {}  # the decoder's projected REPA features, from the objective's one pass
+
     def denoise(z, t):
-      return self.model.apply({'params': params}, z, t, codes, keep_k, null,
-                              method=flextok.FlexTok.decode)
+      args = ({'params': params}, z, t, codes, keep_k, null)
+      if not self.repa_weight:
+        return self.model.apply(*args, method=flextok.FlexTok.decode)
+      v, state = self.model.apply(*args, method=flextok.FlexTok.decode,
+                                  mutable=['intermediates'])
+      hidden['repa'] = state['intermediates']['decoder']['repa_features'][0]
+      return v
 
     loss, metrics = self.objective.loss(denoise, x0, obj_rng)
+    if self.repa_weight:
+      align = repa.alignment(hidden['repa'], self.repa_target(images))
+      metrics = dict(metrics, flow_loss=loss, repa_cos=align)
+      loss = loss - self.repa_weight * align
     k = self.fsq.num_codes
     return loss, dict(metrics, keep_k_mean=jnp.mean(keep_k.astype(jnp.float32)),
                       token_usage=codebook_metrics.codebook_usage(ids, k),

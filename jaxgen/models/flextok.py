@@ -71,7 +71,9 @@ class Decoder(nn.Module):
   width: int
   depth: int
   num_heads: int
-  repa_layer: int = -1  # sow this block's patch features for REPA (-1: none)
+  repa_layer: int = -1  # sow this block's projected patch features for REPA (-1: none)
+  repa_dim: int = 0  # the frozen feature network's channels (the projector's output)
+  repa_hidden: int = 2048
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -91,14 +93,23 @@ class Decoder(nn.Module):
     for i in range(self.depth):
       x = dit.DiTBlock(self.num_heads, 8 / 3, qk_norm=True, mlp_kind='swiglu',
                        dtype=self.dtype, split=p, use_bias=False, name=f'block{i}')(x, c)
-      if i == self.repa_layer:
-        self.sow('intermediates', 'repa_features', x[:, :p])
+      if i == self.repa_layer and self.repa_dim:
+        self.sow('intermediates', 'repa_features', self._project(x[:, :p]))
     shift, scale = layers.AdaLNModulation(2, dtype=self.dtype, name='final_adaLN')(c, d)
     h = layers.modulate(layers.LayerNorm(use_scale=False, dtype=self.dtype)(x[:, :p]),
                         shift, scale)
     out = layers.dense(self.patch_dim, ('embed', None), dtype=self.dtype, use_bias=False,
                        kernel_init=nn.initializers.zeros, name='final_proj')(h)
     return out.astype(jnp.float32)
+
+  def _project(self, h):
+    """REPA's projector: a 3-layer SiLU MLP from the decoder's width to the feature net's."""
+    axes = (('embed', 'mlp'), ('mlp', None), (None, None))
+    for i, width in enumerate((self.repa_hidden, self.repa_hidden, self.repa_dim)):
+      if i:
+        h = nn.silu(h)
+      h = layers.dense(width, axes[i], dtype=self.dtype, name=f'repa_proj{i}')(h)
+    return h.astype(jnp.float32)
 
 
 class FlexTok(nn.Module):
@@ -110,13 +121,16 @@ class FlexTok(nn.Module):
   enc: Any
   dec: Any
   repa_layer: int = -1
+  repa_dim: int = 0
+  repa_hidden: int = 2048
   dtype: Any = jnp.float32
 
   def setup(self):
     self.encoder = Encoder(self.num_patches, self.num_registers, levels=self.levels,
                            dtype=self.dtype, **dict(self.enc))
     self.decoder = Decoder(self.num_patches, self.num_registers, self.patch_dim,
-                           repa_layer=self.repa_layer, dtype=self.dtype, **dict(self.dec))
+                           repa_layer=self.repa_layer, repa_dim=self.repa_dim,
+                           repa_hidden=self.repa_hidden, dtype=self.dtype, **dict(self.dec))
 
   def encode(self, patches):
     return self.encoder(patches)
