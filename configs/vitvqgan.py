@@ -13,6 +13,14 @@ Argument: `<variant>[,plain]`.
            LPIPS (pass --config.loss.perceptual_paths.vgg_path=... and .lin_path=...)
   plain    plain VQ instead of factorized l2 codes: lookup dim = width, no l2-normalisation
            (the paper's Table 4 baseline)
+
+Parameter counts (`--mode=info`, per encoder / decoder) against the paper's Table 1: Small
+25.9M (paper 32M), Base 86.0M (91M), Large 633M (599M); configs/vim.py: VIM-B 708M (650M),
+VIM-L 1.85B (1.7B). The paper's figures cannot all come from its stated sizes: L blocks of
+width d with a 4d MLP hold 12 L d^2 weights before any embedding, 25.2M for Small (below
+its 32M) but 629M for Large, 679M for VIM-B and 1.81B for VIM-L (above its 599M, 650M and
+1.7B). We build the stated sizes; tests/test_vitvqgan.py checks the counts against 12 L d^2
+plus embeddings and heads.
 """
 import ml_collections
 
