@@ -40,6 +40,7 @@ class Encoder(nn.Module):
   depth: int
   num_heads: int
   levels: Tuple[int, ...]
+  fsq_init_std: float = 0.01
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -56,7 +57,13 @@ class Encoder(nn.Module):
           dtype=self.dtype, use_bias=False, norm_affine=False, name=f'block{i}')(x, mask)
     x = layers.LayerNorm(use_scale=False, dtype=self.dtype, name='norm')(x[:, p:])
     fsq = fsq_lib.FSQ(self.levels)
+    # Small init keeps FSQ's tanh in its linear range at the start. With the default
+    # (xavier) init the register outputs' shared component saturates whole channels within
+    # 150 steps (the flow loss first rewards constant codes) and tanh' ~ 0 keeps them dead:
+    # the Fashion-MNIST demo then used 4.4% of its codes after 2500 steps (perplexity 18.5);
+    # with 0.01, 9.2% after 600 (perplexity 28).
     z = layers.dense(fsq.dim, ('embed', None), dtype=jnp.float32, use_bias=False,
+                     kernel_init=nn.initializers.normal(self.fsq_init_std),
                      name='to_fsq')(x.astype(jnp.float32))
     return fsq(z)
 
