@@ -56,9 +56,9 @@ class Family(FamilyBase):
         raise UserError(f'repa.layer {r.layer} is not a decoder block (0..'
                         f'{m.decoder.depth - 1})')
       self.repa_net = self._load_repa_net()
-      repa_dim = self.repa_target(jnp.zeros((1, config.data.image_size,
-                                             config.data.image_size, config.data.channels)),
-                                  shape_only=True).shape[-1]
+      d = config.data
+      repa_dim = jax.eval_shape(self._repa_map, jnp.zeros(
+          (1, d.image_size, d.image_size, d.channels))).shape[-1]
     self.model = flextok.FlexTok(
         num_patches=self.num_patches, patch_dim=m.patch_size ** 2 * v.latent_channels,
         num_registers=m.num_registers, levels=self.fsq.levels,
@@ -131,13 +131,14 @@ class Family(FamilyBase):
       paths = {'data_dir': self.config.data.data_dir}
     return perceptual.make_perceptual(r.net, **paths)
 
-  def repa_target(self, images, shape_only=False):
-    """The frozen network's map repa.tap of `images`, pooled to the patch grid [B, P, F]."""
-    maps = lambda x: self.repa_net.features_fn(self.repa_net.variables, x)[self.config.repa.tap]
-    if shape_only:
-      return jax.eval_shape(maps, images)
+  def _repa_map(self, images):
+    """The frozen network's feature map repa.tap of `images`: [B, H', W', F]."""
+    return self.repa_net.features_fn(self.repa_net.variables, images)[self.config.repa.tap]
+
+  def repa_target(self, images):
+    """That map pooled to the decoder's patch grid: [B, P, F], a constant."""
     grid = int(round(self.num_patches ** 0.5))
-    return jax.lax.stop_gradient(repa.pool_to_patches(maps(images), grid))
+    return jax.lax.stop_gradient(repa.pool_to_patches(self._repa_map(images), grid))
 
   # -- training --------------------------------------------------------------------
   def init_params(self, rng):
