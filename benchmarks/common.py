@@ -3,6 +3,7 @@
 Run the scripts from the repository root (`python benchmarks/<name>.py`); they put the root
 on sys.path, so `benchmarks.common`, `jaxgen` and `configs/` resolve without installation.
 """
+import argparse
 import importlib.util
 import json
 import os
@@ -14,6 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxgen import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +40,36 @@ def load_config_module(name='dit'):
   return module
 
 
+def arg_parser(doc, out_name):
+  """An ArgumentParser described by the script docstring's first paragraph, with --out."""
+  p = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+  p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', f'{out_name}.json'),
+                 help='JSON output')
+  return p
+
+
+def add_train_args(p, configs, configs_help, set_example, steps=10, steps_help=None):
+  """The flags of every train-step benchmark: which configs, overrides, batch, steps, dtype."""
+  p.add_argument('--configs', default=configs, help=configs_help)
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help=f'config override, e.g. {set_example} (repeatable)')
+  p.add_argument('--batch', type=int, default=None, help='global training batch')
+  p.add_argument('--steps', type=int, default=steps,
+                 help=steps_help or 'timed train steps after warm-up')
+  p.add_argument('--warmup', type=int, default=None, help='untimed steps after compilation')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='config.model.dtype (compute dtype; parameters stay float32)')
+
+
+def fill_defaults(args, **defaults):
+  """Sets each flag left None to its (accelerator, CPU) default for the machine it runs on."""
+  acc = on_accelerator()
+  for name, (on_acc, on_cpu) in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, on_acc if acc else on_cpu)
+  return args
+
+
 def parse_configs(text):
   """'tiny,S/2,ddpm,demo' -> ['tiny', 'S/2,ddpm', 'demo']: a 'ddpm' token joins its predecessor."""
   out = []
@@ -49,6 +82,29 @@ def parse_configs(text):
       out[-1] += ',ddpm'
     else:
       out.append(token)
+  return out
+
+
+def synthetic_batches(config, mesh, count, seed=0):
+  """`count` global batches shaped like config.data's, assembled like the trainer's.
+
+  Text data (a `vocab_size`) gives random next-token pairs; image data random pixels and labels.
+  """
+  rng = np.random.default_rng(seed)
+  d = config.data
+  local = config.batch_size // jax.process_count()
+  out = []
+  for _ in range(count):
+    if 'vocab_size' in d:
+      tokens = rng.integers(0, d.vocab_size, (local, d.seq_len + 1)).astype(np.int32)
+      batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+    else:
+      batch = {
+          'image': rng.uniform(-1, 1, (local, d.image_size, d.image_size, d.channels)
+                               ).astype(np.float32),
+          'label': rng.integers(0, d.num_classes, (local,)).astype(np.int32),
+      }
+    out.append(sharding.global_batch(batch, mesh))
   return out
 
 
@@ -78,6 +134,29 @@ def timed_compile(jitted, *args):
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   return compiled, time.perf_counter() - t0
+
+
+def time_train_step(exp, state, steps, warmup=1, min_time_s=0.0):
+  """Compiles the trainer's step for Experiment `exp` and times it on synthetic batches.
+
+  Returns (timing stats, compile seconds, last step's metrics, final state).
+  """
+  from jaxgen import train_state
+  step_fn = train_state.make_train_step(exp.family, exp.tx, exp.schedule, exp.config, exp.mesh,
+                                        exp.shardings, sharding.batch_sharding(exp.mesh))
+  batches = synthetic_batches(exp.config, exp.mesh, count=2)
+  with exp.context():
+    compiled, compile_s = timed_compile(step_fn, state, batches[0])
+    holder = {'state': state, 'i': 0}
+
+    def one_step():  # the state is donated, so each step consumes the previous one
+      holder['state'], holder['metrics'] = compiled(holder['state'], batches[holder['i'] % 2])
+      holder['i'] += 1
+      return holder['metrics']
+
+    stats = time_calls(one_step, steps, warmup=warmup, min_time_s=min_time_s)
+    metrics = jax.device_get(holder['metrics'])
+  return stats, compile_s, metrics, holder['state']
 
 
 def matmul_flops_per_s(n, dtype, repeats=10):

@@ -9,7 +9,6 @@ embedded data's shape (32x32x1, which the Inception resizes to 299x299x3) and, f
 Inception, on 256x256x3 images. FLOPs per image come from XLA's cost analysis of the compiled
 program; MFU is against the matmul ceiling measured in the same run.
 """
-import argparse
 import os
 import sys
 
@@ -28,14 +27,10 @@ COLUMNS = (('network', 'network'), ('input', 'input'), ('batch', 'batch'),
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = common.arg_parser(__doc__, 'eval')
   p.add_argument('--batch', type=int, default=None, help='default: 256 on GPU, 16 on CPU')
   p.add_argument('--steps', type=int, default=5)
-  p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results', 'eval.json'))
-  args = p.parse_args(argv)
-  if args.batch is None:
-    args.batch = 256 if common.on_accelerator() else 16
-  return args
+  return common.fill_defaults(p.parse_args(argv), batch=(256, 16))
 
 
 def networks():

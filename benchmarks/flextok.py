@@ -15,7 +15,6 @@ the config's guidance (APG doubles the decoder batch), for each --decode_steps; 
 batch / call time, and the FLOPs per image count encoder-free decoding (steps x decoder
 passes) plus nothing for the VAE decoder.
 """
-import argparse
 import os
 import sys
 
@@ -27,24 +26,13 @@ from jaxgen import trainer  # noqa: E402
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--configs', default='tiny,demo', help='configs/flextok.py variants')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override, e.g. model.num_registers=16 (repeatable)')
-  p.add_argument('--batch', type=int, default=None,
-                 help='global training batch (default: 64 on an accelerator, 32 on CPU)')
-  p.add_argument('--steps', type=int, default=10, help='timed train steps after warm-up')
-  p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p = common.arg_parser(__doc__, 'flextok')
+  common.add_train_args(p, 'tiny,demo', 'configs/flextok.py variants',
+                        'model.num_registers=16')
   p.add_argument('--decode_steps', default='1,5,25', help='Euler step counts to time')
   p.add_argument('--decode_batch', type=int, default=16)
   p.add_argument('--repeats', type=int, default=3)
-  p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results',
-                                               'flextok.json'))
-  args = p.parse_args(argv)
-  if args.batch is None:
-    args.batch = 64 if common.on_accelerator() else 32
-  return args
+  return common.fill_defaults(p.parse_args(argv), batch=(64, 32), warmup=(2, 2))
 
 
 def vae_variant(variant):

@@ -23,7 +23,6 @@ For each configs/lexinvariant.py variant in --configs and embedding mode in --mo
 On CPU the 150M variant runs at --seq_len 128 and --batch 4 unless given (the 150M-shape
 model at a short sequence); elsewhere the config's batch and length.
 """
-import argparse
 import os
 import sys
 
@@ -34,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from benchmarks.train_step import make_config  # noqa: E402
-from jaxgen import sharding, train_state, trainer  # noqa: E402
+from jaxgen import trainer  # noqa: E402
 
 MIN_TIME_S = 1.0  # fast steps and decode calls repeat until this much time is measured
 CPU_SHAPES = {'150M': (4, 128)}  # variant -> (batch, seq_len) on CPU when not given
@@ -57,23 +56,15 @@ DECODE_COLUMNS = (
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--configs', default='tiny,150M',
-                 help='configs/lexinvariant.py variants (tiny, demo, 150M), comma-separated')
+  p = common.arg_parser(__doc__, 'lm')
+  common.add_train_args(p, 'tiny,150M', 'configs/lexinvariant.py variants (tiny, demo, 150M), '
+                        'comma-separated', 'model.position=rope',
+                        steps_help='timed training steps after warm-up (at least; fast ones '
+                        'repeat for 1 s)')
   p.add_argument('--modes', default='lexinvariant,standard',
                  help='embedding modes (lexinvariant, standard, semi), comma-separated')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override, e.g. model.position=rope (repeatable)')
-  p.add_argument('--batch', type=int, default=None,
-                 help="global training batch (default: the config's; 4 for 150M on CPU)")
   p.add_argument('--seq_len', type=int, default=None,
                  help="training sequence length (default: the config's; 128 for 150M on CPU)")
-  p.add_argument('--steps', type=int, default=10,
-                 help='timed training steps after warm-up (at least; fast ones repeat for 1 s)')
-  p.add_argument('--warmup', type=int, default=None,
-                 help='untimed steps after compilation (default: 2 on an accelerator, 1 on CPU)')
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                 help='config.model.dtype (compute dtype; parameters stay float32)')
   p.add_argument('--decode_batch', type=int, default=None,
                  help='prompts per decoding call (default: 32 on an accelerator, 4 on CPU)')
   p.add_argument('--prompt_len', type=int, default=None,
@@ -89,18 +80,10 @@ def parse_args(argv=None):
   p.add_argument('--uncached', action='store_true',
                  help='also time the uncached reference sampler for non-tiny variants')
   p.add_argument('--no_decode', action='store_true', help='training rows only')
-  p.add_argument('--out', default=None,
-                 help='JSON output (default: benchmarks/results/lm.json)')
-  args = p.parse_args(argv)
-  acc = common.on_accelerator()
-  defaults = dict(warmup=(2, 1), decode_batch=(32, 4), prompt_len=(128, 32),
-                  new_tokens=(256, 64), decode_repeats=(5, 2))
-  for name, (on_acc, on_cpu) in defaults.items():
-    if getattr(args, name) is None:
-      setattr(args, name, on_acc if acc else on_cpu)
-  if args.out is None:
-    args.out = os.path.join(common.REPO, 'benchmarks', 'results', 'lm.json')
-  return args
+  # --batch stays None for the config's own (4 for 150M on CPU: see lm_config).
+  return common.fill_defaults(p.parse_args(argv), warmup=(2, 1), decode_batch=(32, 4),
+                              prompt_len=(128, 32), new_tokens=(256, 64),
+                              decode_repeats=(5, 2))
 
 
 def split_list(text):
@@ -120,39 +103,15 @@ def lm_config(variant, mode, args):
   return config
 
 
-def synthetic_batches(config, mesh, count, seed=0):
-  """`count` global batches of random tokens, assembled like the trainer's."""
-  rng = np.random.default_rng(seed)
-  d = config.data
-  local = config.batch_size // jax.process_count()
-  out = []
-  for _ in range(count):
-    tokens = rng.integers(0, d.vocab_size, (local, d.seq_len + 1)).astype(np.int32)
-    out.append(sharding.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]},
-                                     mesh))
-  return out
-
-
 def measure_train(exp, label, args, ceilings, peak):
   """Compiles and times the trainer's step; (row, final state)."""
   config = exp.config
   state = exp.init_state()
   params = common.param_count(state.params)
   print(f'  {label}: {params:,} parameters', flush=True)
-  step_fn = train_state.make_train_step(exp.family, exp.tx, exp.schedule, config, exp.mesh,
-                                        exp.shardings, sharding.batch_sharding(exp.mesh))
-  batches = synthetic_batches(config, exp.mesh, count=2)
-  with exp.context():
-    compiled, compile_s = common.timed_compile(step_fn, state, batches[0])
-    holder = {'state': state, 'i': 0}
-
-    def one_step():  # the state is donated, so each step consumes the previous one
-      holder['state'], holder['metrics'] = compiled(holder['state'], batches[holder['i'] % 2])
-      holder['i'] += 1
-      return holder['metrics']
-
-    stats = common.time_calls(one_step, args.steps, warmup=args.warmup, min_time_s=MIN_TIME_S)
-    loss = float(jax.device_get(holder['metrics']['loss']))  # the last timed step's
+  stats, compile_s, metrics, state = common.time_train_step(
+      exp, state, args.steps, warmup=args.warmup, min_time_s=MIN_TIME_S)
+  loss = float(metrics['loss'])  # the last timed step's
   tokens = config.batch_size * config.data.seq_len
   flops = exp.family.flops_per_example(train=True) * config.batch_size
   achieved = flops / stats['median_s']
@@ -172,7 +131,7 @@ def measure_train(exp, label, args, ceilings, peak):
   }
   print(f"  {label}: train {row['step_ms_median']:.1f} ms/step, "
         f"{row['tokens_per_s']:,.0f} tok/s, MFU {row['mfu_measured']:.3f}", flush=True)
-  return row, holder['state']
+  return row, state
 
 
 def time_generate(exp, params, prompts, num_new, cached, repeats):

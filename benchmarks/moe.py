@@ -11,7 +11,6 @@ MLP kind, so the ratio isolates the cost of sparse dispatch) and with DiT's GELU
 ratio 15 (which runs faster per FLOP than SwiGLU: two larger matmuls instead of three).
 Reported: step time of each, MoE / FLOP-matched dense ratios, dense-all-experts slowdown.
 """
-import argparse
 import os
 import sys
 
@@ -26,13 +25,12 @@ COLUMNS = (('config', 'config'), ('batch', 'batch'), ('params', 'params'),
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = common.arg_parser(__doc__, 'moe')
   p.add_argument('--batch', type=int, default=8)
   p.add_argument('--depth', type=int, default=2, help='blocks (S has 12; 2 keeps CPU runs short)')
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results', 'moe.json'))
   return p.parse_args(argv)
 
 

@@ -10,7 +10,6 @@ and so is one jitted guided forward pass `family.denoiser(params, labels, cfg_sc
 (sampler time / network evaluations) / forward time: 1.0 means the loop costs nothing beyond
 its network evaluations.
 """
-import argparse
 import os
 import sys
 
@@ -34,7 +33,7 @@ COLUMNS = (
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = common.arg_parser(__doc__, 'sampler')
   p.add_argument('--configs', default='tiny,demo,S/2,tiny,ddpm',
                  help="configs/dit.py variants, comma-separated ('S/2,ddpm' for DDPM)")
   p.add_argument('--batch', type=int, default=8, help='samples per call')
@@ -48,15 +47,8 @@ def parse_args(argv=None):
   p.add_argument('--forward-repeats', type=int, default=None,
                  help='timed forward passes (at least; fast ones repeat for 1 s) '
                       '(default: 10 on an accelerator, 3 on CPU)')
-  p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results',
-                                               'sampler.json'))
-  args = p.parse_args(argv)
-  if args.steps is None:
-    args.steps = 50 if common.on_accelerator() else 4
-  if args.repeats is None:
-    args.repeats = 5 if common.on_accelerator() else 1
-  if args.forward_repeats is None:
-    args.forward_repeats = 10 if common.on_accelerator() else 3
+  args = common.fill_defaults(p.parse_args(argv), steps=(50, 4), repeats=(5, 1),
+                              forward_repeats=(10, 3))
   if args.cfg_scale == 1.0:
     p.error('--cfg-scale 1.0 turns classifier-free guidance off; this benchmark measures it on')
   return args

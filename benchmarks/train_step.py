@@ -9,16 +9,12 @@ The step is compiled ahead of time (reported separately), warmed up, then timed 
 jax.block_until_ready. MFU is reported against the matmul ceiling measured in the same run
 and, on a known GPU, against its dense bf16 peak.
 """
-import argparse
 import os
 import sys
 
-import jax
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from jaxgen import sharding, train_state, trainer  # noqa: E402
+from jaxgen import trainer  # noqa: E402
 
 COLUMNS = (
     ('config', 'config'), ('dtype', 'dtype'), ('batch', 'batch'), ('params', 'params'),
@@ -31,24 +27,11 @@ COLUMNS = (
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = common.arg_parser(__doc__, 'train_step')
   p.add_argument('--family', default='dit', help='configs/<family>.py (dit, dit_moe)')
-  p.add_argument('--configs', default='tiny,S/2',
-                 help="configs/<family>.py variants, comma-separated ('S/2,ddpm' for DDPM)")
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override, e.g. model.moe.dispatch=capacity (repeatable)')
-  p.add_argument('--batch', type=int, default=None,
-                 help='global batch (default: 32 on an accelerator, 8 on CPU)')
-  p.add_argument('--steps', type=int, default=10, help='timed steps after warm-up')
-  p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                 help='config.model.dtype (compute dtype; parameters stay float32)')
-  p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results',
-                                               'train_step.json'))
-  args = p.parse_args(argv)
-  if args.batch is None:
-    args.batch = 32 if common.on_accelerator() else 8
-  return args
+  common.add_train_args(p, 'tiny,S/2', "configs/<family>.py variants, comma-separated "
+                        "('S/2,ddpm' for DDPM)", 'model.moe.dispatch=capacity')
+  return common.fill_defaults(p.parse_args(argv), batch=(32, 8), warmup=(2, 2))
 
 
 def make_config(variant, batch, dtype, steps, family='dit', overrides=()):
@@ -71,22 +54,6 @@ def make_config(variant, batch, dtype, steps, family='dit', overrides=()):
   return config
 
 
-def synthetic_batches(config, mesh, count, seed=0):
-  """`count` global batches of the dataset's shape, assembled like the trainer's."""
-  rng = np.random.default_rng(seed)
-  d = config.data
-  local = config.batch_size // jax.process_count()
-  out = []
-  for _ in range(count):
-    local_batch = {
-        'image': rng.uniform(-1, 1, (local, d.image_size, d.image_size, d.channels)
-                             ).astype(np.float32),
-        'label': rng.integers(0, d.num_classes, (local,)).astype(np.int32),
-    }
-    out.append(sharding.global_batch(local_batch, mesh))
-  return out
-
-
 def bench_config(variant, args, ceilings, peak):
   config = make_config(variant, args.batch, args.dtype, args.warmup + args.steps,
                        args.family, args.set)
@@ -98,27 +65,16 @@ def measure(config, label, args, ceilings, peak):
   """Compiles and times the trainer's step for `config`; one result row labelled `label`."""
   exp = trainer.Experiment(config, workdir=None)
   state = exp.init_state()
-  step_fn = train_state.make_train_step(exp.family, exp.tx, exp.schedule, config, exp.mesh,
-                                        exp.shardings, sharding.batch_sharding(exp.mesh))
-  batches = synthetic_batches(config, exp.mesh, count=2)
-  with exp.context():
-    compiled, compile_s = common.timed_compile(step_fn, state, batches[0])
-    holder = {'state': state, 'i': 0}
-
-    def one_step():  # the state is donated, so each step consumes the previous one
-      holder['state'], metrics = compiled(holder['state'], batches[holder['i'] % 2])
-      holder['i'] += 1
-      return metrics
-
-    stats = common.time_calls(one_step, args.steps, warmup=args.warmup)
-    loss = float(jax.device_get(one_step()['loss']))
+  stats, compile_s, metrics, state = common.time_train_step(exp, state, args.steps,
+                                                             warmup=args.warmup)
+  loss = float(metrics['loss'])  # the last timed step's
   flops = exp.family.flops_per_example(train=True) * config.batch_size
   achieved = flops / stats['median_s']
   ceiling = ceilings.get(args.dtype, ceilings['float32'])
   mem, mem_source = common.peak_memory()
   return {
       'config': label, 'dtype': args.dtype, 'batch': config.batch_size,
-      'params': common.param_count(holder['state'].params),
+      'params': common.param_count(state.params),
       'compile_s': compile_s,
       'step_ms_median': 1e3 * stats['median_s'], 'step_ms_mean': 1e3 * stats['mean_s'],
       'step_ms_min': 1e3 * stats['min_s'],

@@ -19,7 +19,6 @@ discriminator forwards (real, fake for D, fake for G), x3 for the backward pass;
 double backward is not counted. The perceptual loss is off unless --perceptual (it needs the
 Fashion-MNIST classifier, or LPIPS weights for the paper sizes).
 """
-import argparse
 import os
 import sys
 
@@ -31,27 +30,16 @@ from benchmarks import common, train_step  # noqa: E402
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--configs', default='tiny,demo', help='configs/vitvqgan.py variants')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override, e.g. model.code_dim=8 (repeatable)')
-  p.add_argument('--batch', type=int, default=None,
-                 help='global batch (default: 64 on an accelerator, 16 on CPU)')
-  p.add_argument('--steps', type=int, default=16, help='timed steps after warm-up (one R1 '
-                 'step per loss.r1_every)')
-  p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p = common.arg_parser(__doc__, 'vitvqgan')
+  common.add_train_args(p, 'tiny,demo', 'configs/vitvqgan.py variants', 'model.code_dim=8',
+                        steps=16, steps_help='timed steps after warm-up (one R1 step per '
+                        'loss.r1_every)')
   p.add_argument('--perceptual', action='store_true', help="keep the config's perceptual loss")
   p.add_argument('--ar_tokens', type=int, default=256, help='image tokens decoded by VIM')
   p.add_argument('--ar_batch', type=int, default=8)
   p.add_argument('--ar_repeats', type=int, default=2)
   p.add_argument('--no_ar', action='store_true', help='tokenizer rows only')
-  p.add_argument('--out', default=os.path.join(common.REPO, 'benchmarks', 'results',
-                                               'vitvqgan.json'))
-  args = p.parse_args(argv)
-  if args.batch is None:
-    args.batch = 64 if common.on_accelerator() else 16
-  return args
+  return common.fill_defaults(p.parse_args(argv), batch=(64, 16), warmup=(2, 2))
 
 
 def main(argv=None):

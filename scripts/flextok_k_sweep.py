@@ -5,7 +5,9 @@ r"""FlexTok's coarse-to-fine curve: reconstruction quality against the number of
 For k = 1, 2, 4, ..., N (or --ks) the first --num test images are tokenized, decoded from
 their first k tokens with the config's sampler (one compiled program for every k) and
 scored: pixel MSE and PSNR against the originals and, with --fid, FID-FMNIST of the
-reconstructions against the test split (the config's feature network). Writes
+reconstructions against the test split (the config's feature network) and class agreement:
+the share of reconstructions that network (the FMNIST classifier) puts in the original's
+class, next to its accuracy on the originals themselves. Writes
 <out>/k_sweep.json, <out>/k_sweep.png (PSNR and MSE against k) and <out>/k_grid.png (the
 inputs over their reconstructions from each k).
 """
@@ -26,7 +28,8 @@ from jaxgen.metrics import image as image_metrics  # noqa: E402
 
 
 def sweep(exp, params, ks, num, batch_size, fid=False, seed=0):
-  """{k: {'mse', 'psnr'[, 'fid']}} over the first `num` test images."""
+  """({k: {'mse', 'psnr'[, 'fid', 'class_acc']}}, the originals' class accuracy or None)
+  over the first `num` test images."""
   fam, n = exp.family, exp.config.model.num_registers
   tokenize = jax.jit(fam.tokenize)
   decode = jax.jit(fam.decode_tokens)
@@ -38,8 +41,13 @@ def sweep(exp, params, ks, num, batch_size, fid=False, seed=0):
   sq_err = {k: [] for k in ks}
   psnr = {k: [] for k in ks}
   feats = {k: [] for k in ks}
+  labels, real_logits = [], []
   for i in range(-(-num // batch_size)):
-    images = jnp.asarray(next(it)['image'])
+    batch = next(it)
+    images = jnp.asarray(batch['image'])
+    labels.append(np.asarray(batch['label']))
+    if extractor:
+      real_logits.append(extractor(images)['logits'])
     ids = tokenize(params, images)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
     for k in ks:
@@ -49,18 +57,23 @@ def sweep(exp, params, ks, num, batch_size, fid=False, seed=0):
       sq_err[k].append(np.asarray(jnp.mean((recon - images) ** 2, axis=(1, 2, 3))))
       psnr[k].append(np.asarray(image_metrics.psnr(recon, images)))
       if extractor:
-        feats[k].append(extractor(recon)['pool'])
+        feats[k].append(extractor(recon))
   rows = {}
   for k in ks:
     rows[k] = dict(mse=float(np.concatenate(sq_err[k])[:num].mean()),
                    psnr=float(np.concatenate(psnr[k])[:num].mean()))
+  real_acc = None
   if extractor:
+    labels = np.concatenate(labels)[:num]
+    accuracy = lambda logits: float(np.mean(np.argmax(logits[:num], -1) == labels))
+    real_acc = accuracy(np.concatenate(real_logits))
     mu, sigma = evaluation.real_stats(exp, extractor, 'test', exp.config.eval.num_real,
                                       batch_size)
     for k in ks:
-      pool = np.concatenate(feats[k])[:num]
+      pool = np.concatenate([f['pool'] for f in feats[k]])[:num]
       rows[k]['fid'] = float(frechet.frechet_distance(*frechet.gaussian_stats(pool), mu, sigma))
-  return rows
+      rows[k]['class_acc'] = accuracy(np.concatenate([f['logits'] for f in feats[k]]))
+  return rows, real_acc
 
 
 def figure(result):
@@ -85,9 +98,11 @@ def main(argv=None):
   exp, params, step = trainer.load_experiment(args.workdir, 'flextok', TRAIN_HINT,
                                               args.data_dir or None)
   ks = [int(k) for k in args.ks.split(',') if k] or exp.family.sample_ks()
-  rows = sweep(exp, params, ks, args.num, args.batch_size, args.fid)
+  rows, real_acc = sweep(exp, params, ks, args.num, args.batch_size, args.fid)
   result = {'workdir': args.workdir, 'step': step, 'num_images': args.num, 'ks': ks,
-            'sample': exp.config.sample.to_dict(), 'by_k': rows}
+            'sample': exp.config.sample.to_dict(), 'by_k': rows, 'real_class_acc': real_acc}
+  if real_acc is not None:
+    print(f'originals: class_acc={real_acc:.4f}')
   for k in ks:
     print(f'k={k:4d} ' + ' '.join(f'{name}={v:.4f}' for name, v in rows[k].items()), flush=True)
   paths = lm_eval.save_result(args.out, 'k_sweep', result, figure(result))

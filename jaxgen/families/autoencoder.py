@@ -87,13 +87,11 @@ class AutoencoderFamily(FamilyBase):
     if self._perceptual is None:
       from jaxgen.metrics import perceptual
       c = self.config.loss
-      paths = {k: v for k, v in (c.get('perceptual_paths') or {}).items() if v}
-      if c.perceptual == 'fmnist_classifier' and not paths:
-        paths = {'data_dir': self.config.data.data_dir}
       # Loaded on first use, which is inside the train step's trace: its weights must be
       # concrete arrays, not tracers that would leak into the next trace.
       with jax.ensure_compile_time_eval():
-        self._perceptual = perceptual.make_perceptual(c.perceptual, **paths)
+        self._perceptual = perceptual.perceptual_from_config(
+            c.perceptual, c.get('perceptual_paths'), self.config.data.data_dir)
     return self._perceptual
 
   def discriminate(self, disc_params, images):

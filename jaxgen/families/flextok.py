@@ -126,10 +126,7 @@ class Family(FamilyBase):
   def _load_repa_net(self):
     from jaxgen.metrics import perceptual
     r = self.config.repa
-    paths = {k: val for k, val in (r.get('paths') or {}).items() if val}
-    if r.net == 'fmnist_classifier' and not paths:
-      paths = {'data_dir': self.config.data.data_dir}
-    return perceptual.make_perceptual(r.net, **paths)
+    return perceptual.perceptual_from_config(r.net, r.get('paths'), self.config.data.data_dir)
 
   def _repa_map(self, images):
     """The frozen network's feature map repa.tap of `images`: [B, H', W', F]."""

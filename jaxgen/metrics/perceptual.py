@@ -144,3 +144,12 @@ def make_perceptual(name: str = 'fmnist_classifier', **paths) -> Perceptual:
     raise UserError(f'perceptual {name!r} takes the arguments {known}; got '
                     f'{", ".join(sorted(paths))}') from None
   return factory(**paths)
+
+
+def perceptual_from_config(name: str, paths, data_dir: str) -> Perceptual:
+  """make_perceptual from a config's net name and path fields: empty paths are dropped, and
+  the FMNIST classifier with none given trains on (or loads from) the data dir's cache."""
+  paths = {k: v for k, v in (paths or {}).items() if v}
+  if name == 'fmnist_classifier' and not paths:
+    paths = {'data_dir': data_dir}
+  return make_perceptual(name, **paths)
