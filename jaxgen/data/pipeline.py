@@ -1,64 +1,38 @@
 """Input pipeline: TFDS builds ArrayRecord files once; grain reads them deterministically."""
 import functools
-import os
 
 import grain
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from jaxgen.data import fashion_mnist
+from jaxgen.data import builders, fashion_mnist
 from jaxgen.data.config import default_data_config
 from jaxgen.data.errors import DatasetNotFoundError
-from jaxgen.data.files import file_lock
 
 __all__ = ['DatasetNotFoundError', 'default_data_config', 'prepare_dataset', 'num_examples',
            'load_split', 'make_iterator']
 
 
-def _data_dir(cfg) -> str:
-  return os.path.expanduser(os.fspath(cfg.data_dir))
+_TFDS_HINT = ("datasets other than fashion_mnist need TensorFlow for image decoding "
+              "('pip install tensorflow') and their raw data")
+_LOCAL = {'fashion_mnist': fashion_mnist.JaxgenFashionMnist}
 
 
 def _builder(cfg):
-  if cfg.name == 'fashion_mnist':
-    return fashion_mnist.JaxgenFashionMnist(data_dir=_data_dir(cfg))
-  try:
-    return tfds.builder(cfg.name, data_dir=_data_dir(cfg))
-  except Exception as e:  # Unknown name, or its builder module needs TensorFlow.
-    raise DatasetNotFoundError(_one_line(f'TFDS dataset {cfg.name!r} is not available', e)) from e
-
-
-def _one_line(what, e) -> str:
-  cause = (str(e).strip().splitlines() or [''])[0]
-  return (f'{what}: {type(e).__name__}: {cause} (datasets other than fashion_mnist need '
-          "TensorFlow for image decoding ('pip install tensorflow') and their raw data)")
+  return builders.get_builder(cfg, _LOCAL, _TFDS_HINT)
 
 
 def prepare_dataset(data_config) -> None:
   """Builds the dataset into data_config.data_dir once; a no-op when it is already there."""
-  if _builder(data_config).is_prepared():
-    return
-  data_dir = _data_dir(data_config)
-  os.makedirs(data_dir, exist_ok=True)
-  # Several training processes may get here at once: one builds, the others wait and reuse.
-  with file_lock(os.path.join(data_dir, f'.{data_config.name}.prepare.lock')):
-    builder = _builder(data_config)  # Fresh, so it sees a build finished while we waited.
-    if builder.is_prepared():
-      return
-    manual_dir = data_config.get('manual_dir')
-    if data_config.name == 'fashion_mnist':
-      manual_dir = manual_dir or fashion_mnist.DEFAULT_MANUAL_DIR
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-      return
-    try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
-          file_format='array_record')
-    except Exception as e:
-      what = f'could not prepare TFDS dataset {data_config.name!r}'
-      raise DatasetNotFoundError(_one_line(what, e)) from e
+  manual_dir = data_config.get('manual_dir') or None
+  if data_config.name == 'fashion_mnist':  # from the Debian package's files
+    kwargs = dict(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir or fashion_mnist.DEFAULT_MANUAL_DIR))
+  else:
+    kwargs = dict(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+                  file_format='array_record')
+  builders.prepare(data_config, _LOCAL, _TFDS_HINT, **kwargs)
 
 
 def num_examples(data_config, split: str) -> int:

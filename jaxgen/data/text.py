@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from jaxgen.data.config import default_data_config
-from jaxgen.data.errors import DatasetNotFoundError
+from jaxgen.data import builders
 from jaxgen.data.files import file_lock
 from jaxgen.errors import UserError
 
@@ -47,40 +47,14 @@ def _file_name(s: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]', '_', s)
 
 
-def _one_line(what, e) -> str:
-  cause = (str(e).strip().splitlines() or [''])[0]
-  return f'{what}: {type(e).__name__}: {cause}'
-
-
-def _builder(cfg):
-  if cfg.name == 'shakespeare':
-    from jaxgen.data import shakespeare
-    return shakespeare.JaxgenShakespeare(data_dir=data_dir(cfg))
-  import tensorflow_datasets as tfds
-  try:
-    return tfds.builder(cfg.name, data_dir=data_dir(cfg))
-  except Exception as e:  # Unknown name, or its builder module needs TensorFlow.
-    raise DatasetNotFoundError(_one_line(f'TFDS text dataset {cfg.name!r} is not available',
-                                         e)) from e
+def _shakespeare(data_dir):
+  from jaxgen.data import shakespeare
+  return shakespeare.JaxgenShakespeare(data_dir=data_dir)
 
 
 def prepare(cfg):
   """Builds the dataset once (concurrent callers wait for one build); returns its builder."""
-  builder = _builder(cfg)
-  if builder.is_prepared():
-    return builder
-  os.makedirs(data_dir(cfg), exist_ok=True)
-  with file_lock(os.path.join(data_dir(cfg), f'.{cache_name(cfg)}.prepare.lock')):
-    builder = _builder(cfg)  # Fresh, so it sees a build finished while we waited.
-    if not builder.is_prepared():
-      try:
-        builder.download_and_prepare(file_format='array_record')
-      except DatasetNotFoundError:
-        raise
-      except Exception as e:
-        raise DatasetNotFoundError(_one_line(f'could not prepare TFDS dataset {cfg.name!r}',
-                                             e)) from e
-  return builder
+  return builders.prepare(cfg, {'shakespeare': _shakespeare}, file_format='array_record')
 
 
 def documents(cfg, split: str) -> list[str]:
