@@ -296,3 +296,13 @@ def test_plots_draw_every_series_in_its_own_colour():
   assert plots.nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
   assert plots.log_ticks(1.0, 100.0) == [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
   assert plots.log_ticks(1.0, 1e4) == [1.0, 10.0, 100.0, 1000.0, 10000.0]
+
+
+def test_tick_labels_stay_distinct():
+  from jaxgen.analysis import plots
+  assert plots.tick_labels([0.0, 0.5, 1.0]) == ['0', '0.5', '1']
+  assert plots.tick_labels([15.3, 15.35, 15.4]) == ['15.30', '15.35', '15.40']
+  ticks = plots.nice_ticks(15.277, 15.566)  # the k-sweep PSNR axis that read 15.4 twice
+  labels = plots.tick_labels(ticks)
+  assert len(ticks) == 6 and len(set(labels)) == len(labels)
+  assert all(abs(float(t) - v) < 1e-9 for t, v in zip(labels, ticks))

@@ -49,6 +49,17 @@ def _fmt(v):
   return f'{v:.3g}' if abs(v) < 1e4 else f'{v:.1e}'
 
 
+def tick_labels(ticks):
+  """Labels for tick values: 3 significant digits, or as many decimals as keep them distinct
+  (ticks 15.3, 15.35, 15.4 would otherwise read 15.3, 15.3, 15.4)."""
+  labels = [_fmt(v) for v in ticks]
+  for decimals in range(1, 7):
+    if len(set(labels)) == len(labels):
+      break
+    labels = [f'{v:.{decimals}f}' for v in ticks]
+  return labels
+
+
 def _vertical_text(img, text, f, centre_x, centre_y):
   w, h = _text_size(text, f)
   tile = Image.new('RGB', (w + 2, h + 6), WHITE)
@@ -79,16 +90,16 @@ class _Axes:
 
   def frame(self, xticks, yticks, f, xlabels=None):
     x0, y0, x1, y1 = self.box
-    for v in yticks:
+    for v, text in zip(yticks, tick_labels(yticks)):
       y = self.y_px(v)
       self.draw.line([(x0, y), (x1, y)], fill=GRID)
-      w, h = _text_size(_fmt(v), f)
-      self.draw.text((x0 - w - 6, y - h / 2 - 2), _fmt(v), fill=BLACK, font=f)
-    for i, v in enumerate(xticks):
+      w, h = _text_size(text, f)
+      self.draw.text((x0 - w - 6, y - h / 2 - 2), text, fill=BLACK, font=f)
+    grid = xlabels is None  # numeric x ticks get grid lines; category labels do not
+    for v, label in zip(xticks, tick_labels(xticks) if grid else xlabels):
       x = self.x_px(v)
-      if xlabels is None:
+      if grid:
         self.draw.line([(x, y0), (x, y1)], fill=GRID)
-      label = _fmt(v) if xlabels is None else xlabels[i]
       w, _ = _text_size(label, f)
       self.draw.text((x - w / 2, y1 + 5), label, fill=BLACK, font=f)
     self.draw.rectangle([x0, y0, x1, y1], outline=BLACK)
@@ -182,7 +193,7 @@ def line_plot(series, *, title, xlabel, ylabel, logy=False, hlines=None, size=(6
     yticks = [v for v in nice_ticks(*ylim) if ylim[0] <= v <= ylim[1]]
   f = font(11)
   img, box, f = _canvas(size, title, xlabel, ylabel,
-                        max(_text_size(_fmt(v), f)[0] for v in yticks))
+                        max(_text_size(t, f)[0] for t in tick_labels(yticks)))
   ax = _Axes(img, box, xlim, ylim, logy)
   ax.frame([v for v in nice_ticks(*xlim, target=8) if xlim[0] <= v <= xlim[1]], yticks, f)
   entries = []
@@ -219,7 +230,7 @@ def bar_chart(groups, *, title, ylabel, ymax=None, size=(640, 400), fmt='{:.2f}'
   top = ymax if ymax is not None else max(values + [1e-9]) * 1.1
   yticks = nice_ticks(0.0, top)
   f = font(11)
-  img, box, f = _canvas(size, title, '', ylabel, max(_text_size(_fmt(v), f)[0] for v in yticks),
+  img, box, f = _canvas(size, title, '', ylabel, max(_text_size(t, f)[0] for t in tick_labels(yticks)),
                         top=48)
   n = max(len(groups), 1)
   ax = _Axes(img, box, (0.0, float(n)), (0.0, top))
