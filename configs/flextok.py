@@ -82,7 +82,8 @@ def get_config(arg='demo'):
     c.repa.update(layer=0, hidden=32)
   else:  # demo, over configs/kl_vae.py:demo (8x8x4 latents)
     c.vae.update(latent_size=8, latent_channels=4)
-    # Sized for 2 CPU cores (~0.4 s/step, ~17 min): width 128 measured ~1 s/step at batch 32.
+    # Sized for 2 CPU cores (~0.45 s/step with REPA, ~21 min with its evals): width 128
+    # measured ~1 s/step at batch 32.
     c.model.update(num_registers=32, levels=(8, 5, 5, 5), encoder=vit(4, 96, 3),
                    decoder=vit(4, 96, 3))
     c.sample.update(num_steps=20, guidance_scale=2.0)
