@@ -14,9 +14,9 @@ decoder depth; width 64 x depth, head dim 64) over 32x32x16 latents of 256px Ima
 guidance at scale 7.5. The paper's optimizer and keep_k schedule are not published: AdamW
 lr 1e-4, 'pow2' keep_k and 10% null-condition dropout are our choices.
 
-REPA (on in `demo`, off elsewhere unless --config.repa.weight > 0): decoder block repa.layer's patch tokens, through a
-3-layer MLP projector (repa.hidden), align with map repa.tap of the frozen perceptual network
-repa.net pooled to the patch grid. The paper uses DINOv2-L (weight and layer unpublished);
+REPA (on in `demo`, off elsewhere unless --config.repa.weight > 0): decoder block repa.layer's
+patch tokens, through a 3-layer MLP projector (repa.hidden), align with map repa.tap of the
+frozen perceptual network repa.net pooled to the patch grid. The paper uses DINOv2-L (weight and layer unpublished);
 offline, repa.net=fmnist_classifier (its 16/8/4-pixel maps: tap -1 is the 4x4 one) or
 lpips_vgg16 with --config.repa.paths.vgg_path=... work; REPA's own default weight is 0.5.
 """

@@ -230,8 +230,8 @@ def bar_chart(groups, *, title, ylabel, ymax=None, size=(640, 400), fmt='{:.2f}'
   top = ymax if ymax is not None else max(values + [1e-9]) * 1.1
   yticks = nice_ticks(0.0, top)
   f = font(11)
-  img, box, f = _canvas(size, title, '', ylabel, max(_text_size(t, f)[0] for t in tick_labels(yticks)),
-                        top=48)
+  img, box, f = _canvas(size, title, '', ylabel,
+                        max(_text_size(t, f)[0] for t in tick_labels(yticks)), top=48)
   n = max(len(groups), 1)
   ax = _Axes(img, box, (0.0, float(n)), (0.0, top))
   ax.frame([i + 0.5 for i in range(len(groups))], [v for v in yticks if v <= top], f,

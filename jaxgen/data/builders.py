@@ -4,6 +4,7 @@ name (embedded data), any other name from TFDS's registry, and a build done once
 tensorflow_datasets is imported on first use, so configs can import the data modules without it.
 """
 import os
+import re
 
 from jaxgen.data.errors import DatasetNotFoundError
 from jaxgen.data.files import file_lock
@@ -11,6 +12,11 @@ from jaxgen.data.files import file_lock
 
 def data_dir(cfg) -> str:
   return os.path.expanduser(os.fspath(cfg.data_dir))
+
+
+def file_name(s: str) -> str:
+  """`s` with every character a file name should not hold replaced by '_'."""
+  return re.sub(r'[^A-Za-z0-9_.-]', '_', s)
 
 
 def one_line(what, e, hint='') -> str:
@@ -39,8 +45,7 @@ def prepare(cfg, local, hint='', **download_kwargs):
   if builder.is_prepared():
     return builder
   os.makedirs(data_dir(cfg), exist_ok=True)
-  lock_name = ''.join(c if c.isalnum() or c in '_.-' else '_' for c in cfg.name)
-  with file_lock(os.path.join(data_dir(cfg), f'.{lock_name}.prepare.lock')):
+  with file_lock(os.path.join(data_dir(cfg), f'.{file_name(cfg.name)}.prepare.lock')):
     builder = get_builder(cfg, local, hint)  # Fresh, so it sees a build finished meanwhile.
     if not builder.is_prepared():
       try:

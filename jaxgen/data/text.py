@@ -7,7 +7,6 @@ token_stream is that text tokenized (one document at a time, with the tokens of 
 grain and TFDS are imported on first use, so configs can import text_data_config without them.
 """
 import os
-import re
 
 import ml_collections
 import numpy as np
@@ -34,17 +33,12 @@ def text_data_config(seq_len=256, tokenizer='char', vocab_size=128) -> ml_collec
   return cfg
 
 
-def data_dir(cfg) -> str:
-  return os.path.expanduser(os.fspath(cfg.data_dir))
+data_dir = builders.data_dir
 
 
 def cache_name(cfg) -> str:
   """The dataset's name as a file name ('lm1b/subwords32k:1.0.0' -> 'lm1b_subwords32k_1.0.0')."""
-  return _file_name(cfg.name)
-
-
-def _file_name(s: str) -> str:
-  return re.sub(r'[^A-Za-z0-9_.-]', '_', s)
+  return builders.file_name(cfg.name)
 
 
 def _shakespeare(data_dir):
@@ -78,7 +72,7 @@ def token_stream(data_config, split: str, tokenizer) -> np.ndarray:
   builder = prepare(data_config)
   key = f'{cache_name(data_config)}-{builder.info.version}-{data_config.text_key}-{split}'
   cache_dir = os.path.join(data_dir(data_config), 'token_cache')
-  path = os.path.join(cache_dir, f'{_file_name(key)}-{tokenizer.fingerprint}.npy')
+  path = os.path.join(cache_dir, f'{builders.file_name(key)}-{tokenizer.fingerprint}.npy')
   if not os.path.isfile(path):
     os.makedirs(cache_dir, exist_ok=True)
     with file_lock(path + '.lock'):
