@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxgen.data import DatasetNotFoundError, make_iterator, num_examples, prepare_dataset
+from jaxgen.data.fashion_mnist import JaxgenFashionMnist
 from jaxgen.data.pipeline import default_data_config
 
 RAW = '/usr/share/datasets/fashion-mnist'
@@ -80,7 +81,8 @@ def test_concurrent_prepare_builds_once(prepared):
   for rc, out in results:
     assert rc == 0, out[-2000:]
   assert sum(out.count('JAXGEN_BUILT') for _, out in results) == 1
-  assert os.path.isdir(os.path.join(cfg.data_dir, 'jaxgen_fashion_mnist', '1.0.0'))
+  assert os.path.isdir(os.path.join(cfg.data_dir, 'jaxgen_fashion_mnist',
+                                      str(JaxgenFashionMnist.VERSION)))
   prepare_dataset(cfg)  # Already prepared: a no-op, must not raise.
 
 
