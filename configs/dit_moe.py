@@ -21,6 +21,7 @@ def get_config(arg='demo'):
   c = dit_config.base(objective)
   if variant == 'tiny':
     dit_config.tiny(c)
+    c.model.depth = 2  # two MoE layers for the routing analysis (and MoE every other block)
     c.model.moe = dit_config.moe(4, num_shared=1)
   elif variant == 'demo':
     dit_config.demo(c)
