@@ -44,17 +44,29 @@ class Checkpointer:
 
   def restore(self, step, abstract_state):
     """(state, data_state) at `step`; an unreadable checkpoint is a UserError, nothing deleted."""
+    out = self._restore(step, ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return out.state, out.data
+
+  def restore_fields(self, step, abstract_fields):
+    """Only the named train-state fields at `step`, e.g. {'step': ..., 'ema_params': ...}
+    (abstract arrays with shardings): a frozen model's load reads a quarter of its state,
+    skipping the optimizer's moments and the raw parameters."""
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                abstract_fields)
+    return self._restore(step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_fields, restore_args=restore_args, partial_restore=True))).state
+
+  def _restore(self, step, args):
     try:
       with _quiet_stderr_on_failure():
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return self.manager.restore(step, args=args)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
       msg = str(e).splitlines()[0][:200] if str(e) else ''
       raise UserError(
           f'checkpoint {self.directory}/{step} is unreadable or does not match this config '
           f'({type(e).__name__}: {msg}); move that directory aside to resume from an earlier '
           f'step, or use a new --workdir (nothing was deleted)') from e
-    return out.state, out.data
 
   def wait(self):
     self.manager.wait_until_finished()

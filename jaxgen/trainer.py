@@ -67,8 +67,12 @@ class Experiment:
   def restore_ema(self):
     """(EMA parameters, step) of the newest checkpoint, for eval / sample / analysis."""
     with self.checkpointer() as ckpt:
-      state, _ = self.restore_latest(ckpt, required=True)
-    return state.ema_params, int(jax.device_get(state.step))
+      step = ckpt.latest_step()
+      if step is None:
+        self.restore_latest(ckpt, required=True)  # raises the 'train first' error
+      fields = ckpt.restore_fields(step, {'step': self.abstract.step,
+                                          'ema_params': self.abstract.ema_params})
+    return fields['ema_params'], int(jax.device_get(fields['step']))
 
   def batches(self, split, train, seed):
     return self.family.make_iterator(split, global_batch_size=self.config.batch_size,
