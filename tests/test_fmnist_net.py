@@ -140,3 +140,17 @@ def test_cli_fails_below_90_percent_and_saves_nothing(fmnist_classifier, tmp_pat
   err = capsys.readouterr().err.strip()
   assert err.startswith('jaxgen: error: ') and '50.00%' in err and '\n' not in err
   assert not os.path.exists(os.path.join(str(tmp_path), 'feature_nets'))
+
+
+@pytest.mark.parametrize('size,channels,features,k', [(32, 1, 16, 5), (8, 32, 64, 3), (7, 3, 4, 3)])
+def test_strided_conv_is_a_stride_2_same_conv(size, channels, features, k):
+  """The classifier's patch-matmul convolution: nn.Conv's parameters, values and function."""
+  import flax.linen as nn
+  from jaxgen.models.fmnist_classifier import StridedConv
+  x = np.random.default_rng(0).normal(size=(2, size, size, channels)).astype(np.float32)
+  ours, conv = StridedConv(features, k), nn.Conv(features, (k, k), strides=(2, 2))
+  params = ours.init(jax.random.key(0), x)
+  reference = conv.init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, params, reference)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
+  np.testing.assert_allclose(ours.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)
