@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config, run_cli
+from conftest import load_config, run_cli, tree_norm
 from jaxgen import families
 from jaxgen.errors import UserError
 from jaxgen.models import kl_vae
@@ -144,10 +144,11 @@ def test_fixed_batch_loss_falls_and_gradients_reach_every_parameter(tiny_run):
       first = grads
     losses.append(float(value))
   assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+  first = jax.device_get(first)  # NumPy: eager jnp ops would compile one program per shape
   for name in ('encoder', 'quant_conv', 'post_quant_conv', 'decoder'):
-    assert float(optax.tree.norm(first[name])) > 1e-6, name
+    assert tree_norm(first[name]) > 1e-6, name
   dead = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(first)
-          if not float(jnp.max(jnp.abs(v))) > 0]
+          if not np.max(np.abs(v)) > 0]
   assert not dead, dead
 
 
