@@ -177,10 +177,13 @@ def tiny_lm_config(text_data_dir):
   return make
 
 
-# Files whose tests take longest run first: with one file per worker (--dist loadfile) a long
-# file started last would leave the other worker idle at the end of the run.
-SLOW_FILES_FIRST = ('test_notebooks.py', 'test_vitvqgan.py', 'test_lm_evals.py', 'test_vim.py',
-                    'test_flextok.py', 'test_train.py', 'test_kl_vae.py')
+# Files whose tests take longest run first (total seconds measured, in that order): with one
+# file per worker (--dist loadfile --no-loadscope-reorder) a long file started last would leave
+# the other worker idle at the end of the run. The first two go to different workers: the
+# notebooks' tokenizer section waits on test_vitvqgan's classifier and tiny tokenizer.
+SLOW_FILES_FIRST = ('test_notebooks.py', 'test_vitvqgan.py', 'test_flextok.py', 'test_dit_moe.py',
+                    'test_kl_vae.py', 'test_cli.py', 'test_train.py', 'test_lm.py',
+                    'test_lm_evals.py', 'test_resume.py', 'test_vim.py')
 
 
 def pytest_collection_modifyitems(items):
