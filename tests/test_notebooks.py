@@ -10,6 +10,7 @@ import time
 
 import shutil
 
+import jax
 import nbformat
 from nbclient import NotebookClient
 
@@ -46,6 +47,10 @@ def test_every_notebook_runs(tmp_path, monkeypatch, request, tiny_vae):
   # repeat test_kl_vae's and test_vitvqgan's CLI runs.
   shutil.copytree(tiny_vae[0], tmp_path / 'kl_vae')
   monkeypatch.setenv('JAXGEN_NB_VAE_WORKDIR', str(tmp_path / 'kl_vae'))
+  # Start this process's JAX backend now, with conftest's 8 devices: the XLA_FLAGS set below
+  # are the kernels', and a backend first started under them (e.g. by the tokenizer fixture
+  # below) would give every later test in this worker one device.
+  assert len(jax.devices()) == 8
   paths = sorted(glob.glob(os.path.join(COLABS, '*.ipynb')))
   assert paths, f'no notebooks in {COLABS}'
   for name, value in TINY_RUN.items():
