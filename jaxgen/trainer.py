@@ -56,22 +56,17 @@ class Experiment:
                                       async_save=c.async_checkpoints)
 
   def restore_latest(self, ckpt, required=False):
-    step = ckpt.latest_step()
+    step = _latest_step(ckpt, required)
     if step is None:
-      if required:
-        raise UserError(f'no checkpoint in {ckpt.directory}: train first '
-                        f'(--mode=train with the same --workdir)')
       return None, None
     return ckpt.restore(step, self.abstract)
 
   def restore_ema(self):
     """(EMA parameters, step) of the newest checkpoint, for eval / sample / analysis."""
     with self.checkpointer() as ckpt:
-      step = ckpt.latest_step()
-      if step is None:
-        self.restore_latest(ckpt, required=True)  # raises the 'train first' error
-      fields = ckpt.restore_fields(step, {'step': self.abstract.step,
-                                          'ema_params': self.abstract.ema_params})
+      fields = ckpt.restore_fields(_latest_step(ckpt, required=True),
+                                   {'step': self.abstract.step,
+                                    'ema_params': self.abstract.ema_params})
     return fields['ema_params'], int(jax.device_get(fields['step']))
 
   def batches(self, split, train, seed):
@@ -116,6 +111,14 @@ class Experiment:
           totals[k] = totals.get(k, 0.0) + (v if v.ndim else v / self.config.eval_batches)
     totals = self.family.reduce_eval_metrics(totals)
     return {f'eval/{k}': float(v) for k, v in totals.items()}
+
+
+def _latest_step(ckpt, required):
+  step = ckpt.latest_step()
+  if step is None and required:
+    raise UserError(f'no checkpoint in {ckpt.directory}: train first '
+                    f'(--mode=train with the same --workdir)')
+  return step
 
 
 class _Preemption:

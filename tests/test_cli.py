@@ -51,6 +51,12 @@ def test_missing_dataset_says_how_to_install(tmp_path):
   assert 'apt-get install' in _one_error_line(proc)
 
 
+def test_sample_without_a_checkpoint_says_train_first(tmp_path, data_dir):
+  proc = run_cli(TINY, f'--workdir={tmp_path}/w', f'--config.data.data_dir={data_dir}',
+                 '--mode=sample')
+  assert 'no checkpoint in' in _one_error_line(proc) and 'train first' in proc.stderr
+
+
 def test_info_counts_without_allocating():
   proc = run_cli('--config=configs/dit.py:XL/2', '--config.data.channels=4',
                  '--config.data.num_classes=1000', '--mode=info')
