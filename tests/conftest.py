@@ -177,7 +177,7 @@ def tiny_lm_config(text_data_dir):
   return make
 
 
-# Files whose tests take longest run first (total seconds measured, in that order): with one
+# Files whose tests take longest run first (ordered by measured total time): with one
 # file per worker (--dist loadfile --no-loadscope-reorder) a long file started last would leave
 # the other worker idle at the end of the run. The first two go to different workers: the
 # notebooks' tokenizer section waits on test_vitvqgan's classifier and tiny tokenizer.
