@@ -55,8 +55,8 @@ class Experiment:
     return checkpointing.Checkpointer(self.workdir, keep=c.keep_checkpoints,
                                       async_save=c.async_checkpoints)
 
-  def restore_latest(self, ckpt, required=False):
-    step = _latest_step(ckpt, required)
+  def restore_latest(self, ckpt):
+    step = ckpt.latest_step()
     if step is None:
       return None, None
     return ckpt.restore(step, self.abstract)
@@ -64,7 +64,7 @@ class Experiment:
   def restore_ema(self):
     """(EMA parameters, step) of the newest checkpoint, for eval / sample / analysis."""
     with self.checkpointer() as ckpt:
-      fields = ckpt.restore_fields(_latest_step(ckpt, required=True),
+      fields = ckpt.restore_fields(_required_latest_step(ckpt),
                                    {'step': self.abstract.step,
                                     'ema_params': self.abstract.ema_params})
     return fields['ema_params'], int(jax.device_get(fields['step']))
@@ -113,9 +113,9 @@ class Experiment:
     return {f'eval/{k}': float(v) for k, v in totals.items()}
 
 
-def _latest_step(ckpt, required):
+def _required_latest_step(ckpt):
   step = ckpt.latest_step()
-  if step is None and required:
+  if step is None:
     raise UserError(f'no checkpoint in {ckpt.directory}: train first '
                     f'(--mode=train with the same --workdir)')
   return step

@@ -259,10 +259,8 @@ def analyze(config, workdir):
     raise UserError(NO_MOE)
   opts = config.get('analysis') or {}
   exp = trainer.Experiment(config, workdir)
-  with exp.checkpointer() as ckpt:
-    state, _ = exp.restore_latest(ckpt, required=True)
-  step = int(jax.device_get(state.step))
-  result = collect_routing(exp, state.ema_params, num_batches=opts.get('num_batches', 4),
+  ema_params, step = exp.restore_ema()
+  result = collect_routing(exp, ema_params, num_batches=opts.get('num_batches', 4),
                            timesteps=timestep_grid(opts.get('num_timesteps', 10)))
   result['step'] = step
   outdir = os.path.join(workdir, 'analysis', 'routing')
