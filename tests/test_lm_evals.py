@@ -227,6 +227,42 @@ def test_perplexity_curve_matches_a_float64_recomputation(models, monkeypatch):
   np.testing.assert_allclose(other['models']['standard']['perplexity'],
                              result['models']['standard']['perplexity'])
 
+  np.testing.assert_allclose(result['references']['in-context bigram']['perplexity'],
+                             np.exp(lm_perplexity.in_context_losses(windows, d.vocab_size, 2)
+                                    .mean(0)))
+
+
+def _counter_by_hand(window, vocab, order, a1=1.0, a2=2.0):
+  """The in-context counters, one position at a time with Python dicts (float64)."""
+  out = []
+  for t in range(len(window) - 1):
+    seen, y = list(window[:t + 1]), window[t + 1]
+    p = (seen.count(y) + a1 / vocab) / (t + 1 + a1)
+    if order == 2:
+      follows = [b for a, b in zip(seen[:-1], seen[1:]) if a == seen[-1]]
+      p = (follows.count(y) + a2 * p) / (len(follows) + a2)
+    out.append(-np.log(p))
+  return np.array(out)
+
+
+@pytest.mark.parametrize('order', [1, 2])
+def test_in_context_counters_match_a_hand_count_and_are_lexinvariant(order):
+  rng = np.random.default_rng(order)
+  windows = rng.integers(0, 6, (4, 40))  # few symbols: many repeats
+  losses = lm_perplexity.in_context_losses(windows, 8, order)
+  expected = np.stack([_counter_by_hand(list(w), 8, order) for w in windows])
+  np.testing.assert_allclose(losses, expected, rtol=1e-12)
+  # First position by hand: one token seen, p(y) = (1[y == x0] + 1/8) / 2 (then backed off).
+  p1 = ((windows[:, 1] == windows[:, 0]) + 1 / 8) / 2
+  np.testing.assert_allclose(losses[:, 0], -np.log(p1), rtol=1e-12)
+  # Renaming the symbols (a permutation of the vocabulary) changes nothing.
+  perm = rng.permutation(8)
+  np.testing.assert_allclose(lm_perplexity.in_context_losses(perm[windows], 8, order), losses)
+  # Repeating the first half makes the repeat predictable for the bigram counter only.
+  rep = np.concatenate([windows[:, :20], windows[:, :20]], 1)
+  gain = lm_perplexity.in_context_losses(rep, 8, order)[:, 20:].mean()
+  assert (gain < 1.5) == (order == 2), gain
+
 
 # ----------------------------------------------------------------------------- loading, CLI
 
@@ -272,6 +308,10 @@ def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
     r = json.load(f)
   assert {t: e['oracle'] for t, e in r['tasks'].items()} == {'lookup': 1.0, 'permutation': 1.0}
   assert set(r['tasks']['lookup']['accuracy']) == {'lexinvariant', 'standard'}
+  # The LookUp pair sweep (default 1, 2) includes the main task's 3 pairs, scored identically.
+  sweep = r['lookup_by_pairs']
+  assert set(sweep) == {'1', '2', '3'} and all(e['oracle'] == 1.0 for e in sweep.values())
+  assert sweep['3']['accuracy'] == r['tasks']['lookup']['accuracy']
 
 
 def test_cli_missing_workdir_is_one_line_exit_2(tmp_path):

@@ -2,12 +2,14 @@ r"""The lexinvariant LM evaluations: perplexity by position, cipher deciphering,
 
   python -m jaxgen.analysis.lexinvariant {perplexity,cipher,reasoning,all} \
       --lexinvariant=workdirs/li [--standard=workdirs/std] [--semi=workdirs/semi] \
-      --out=workdirs/li_eval [--num_windows=256] [--probe_steps=500] [--num_examples=1000]
+      --out=workdirs/li_eval [--num_windows=256] [--probe_steps=500] [--num_examples=1000] \
+      [--num_pairs=3] [--lookup_pairs=1,2]
 
 Each evaluation writes <out>/<name>.json and <out>/<name>.png and prints a short summary:
   perplexity  every given model, and the ratio of each to --standard (lm_perplexity.py);
   cipher      a probe on the frozen --lexinvariant model only (char level; cipher.py);
-  reasoning   LookUp and Permutation accuracy of every given model (reasoning.py).
+  reasoning   LookUp and Permutation accuracy of every given model, and LookUp accuracy at
+              the --lookup_pairs pair counts too (reasoning.py).
 Errors (a missing workdir, a model of the wrong kind) print one line and exit 2.
 """
 import argparse
@@ -16,6 +18,16 @@ import time
 
 EVALS = ('perplexity', 'cipher', 'reasoning')
 MODES = ('lexinvariant', 'standard', 'semi')
+
+
+def _int_list(text):
+  try:
+    values = [int(n) for n in text.split(',') if n.strip()]
+  except ValueError:
+    values = [0]
+  if any(n < 1 for n in values):
+    raise argparse.ArgumentTypeError(f'{text!r}: give positive integers separated by commas')
+  return values
 
 
 def parse_args(argv=None):
@@ -45,6 +57,8 @@ def parse_args(argv=None):
   g = p.add_argument_group('reasoning')
   g.add_argument('--num_examples', type=int, default=1000)
   g.add_argument('--num_pairs', type=int, default=3, help='LookUp pairs')
+  g.add_argument('--lookup_pairs', default='1,2', type=_int_list,
+                 help='also score LookUp at these pair counts (comma list; empty: none)')
   g.add_argument('--in_len', type=int, default=3, help='Permutation input symbols')
   g.add_argument('--out_len', type=int, default=2, help='Permutation output symbols')
   g.add_argument('--num_demos', type=int, default=1, help='Permutation demonstrations')
@@ -94,6 +108,7 @@ def run(args):
       module, (result, image) = reasoning, reasoning.run(
           pairs, num_examples=args.num_examples, num_pairs=args.num_pairs, in_len=args.in_len,
           out_len=args.out_len, num_demos=args.num_demos, batch_size=args.gen_batch,
+          lookup_pairs=args.lookup_pairs,
           seed=args.seed)
     result['models_evaluated'] = workdirs
     json_path, png_path = lm_eval.save_result(args.out, name, result, image)

@@ -6,6 +6,10 @@ window, window i's from fold_in(PRNGKey(seed), i). Position t is the prediction 
 from tokens 0..t, so the curve shows how much context a model needs: the paper
 finds the lexinvariant model ~9x worse at the first positions and close to the standard model
 by position 511 (char-level Pile: 3.38 vs 2.00).
+
+Two references need no training: in-context unigram and bigram counters (`in_context_losses`)
+predict from the counts of the window so far and nothing else, so they are lexinvariant by
+construction; they show how much a window's own statistics can explain at each position.
 """
 import jax
 import numpy as np
@@ -35,6 +39,39 @@ def position_loss(family, params, windows, *, batch_size=16, seed=0):
     mask = (np.arange(batch_size) < real)[:, None] * np.ones(w.shape[1] - 1)
     acc.update(losses, mask)
   return acc
+
+
+def in_context_losses(windows, vocab_size, order, alphas=(1.0, 2.0)):
+  """Losses [N, L] (nats) of an in-context counter over windows [N, L + 1]: token t + 1 is
+  predicted from tokens 0..t of its own window only.
+
+  order 1: p1(y) = (c(y) + a1 / V) / (t + 1 + a1), c counting tokens 0..t;
+  order 2: p2(y) = (c(x_t, y) + a2 p1(y)) / (c(x_t, .) + a2), c counting the bigrams within
+  tokens 0..t (interpolated Dirichlet smoothing, a = `alphas`).
+  """
+  if order not in (1, 2):
+    raise ValueError(f'in-context counters of order 1 or 2, got {order}')
+  w = np.asarray(windows, np.int64)
+  n, length = w.shape[0], w.shape[1] - 1
+  a1, a2 = alphas
+  rows = np.arange(n)
+  unigram = np.zeros((n, vocab_size))
+  bigram = np.zeros((n, vocab_size, vocab_size)) if order == 2 else None
+  losses = np.zeros((n, length))
+  for t in range(length):
+    cur, nxt = w[:, t], w[:, t + 1]
+    unigram[rows, cur] += 1
+    p = (unigram[rows, nxt] + a1 / vocab_size) / (t + 1 + a1)
+    if order == 2:
+      if t > 0:
+        bigram[rows, w[:, t - 1], cur] += 1
+      p = (bigram[rows, cur, nxt] + a2 * p) / (bigram[rows, cur].sum(-1) + a2)
+    losses[:, t] = -np.log(p)
+  return losses
+
+
+REFERENCES = {'in-context unigram': 1, 'in-context bigram': 2}
+REFERENCE_COLOURS = {'in-context unigram': (185, 185, 185), 'in-context bigram': (90, 90, 90)}
 
 
 def _mean(x):
@@ -74,6 +111,12 @@ def evaluate(models, *, num_windows=256, batch_size=16, smooth=16, seed=0):
         'perplexity_smoothed': np.exp(np.asarray(lm_metrics.moving_average(loss, smooth))),
         'mean_loss': acc.mean_loss(), 'bits_per_token': acc.bits_per_character(),
         'num_tokens': acc.num_tokens}
+  result['references'] = {}
+  for name, order in REFERENCES.items():
+    loss = in_context_losses(windows, d.vocab_size, order).mean(0)
+    result['references'][name] = {
+        'perplexity': np.exp(loss), 'mean_loss': float(loss.mean()),
+        'perplexity_smoothed': np.exp(np.asarray(lm_metrics.moving_average(loss, smooth)))}
   curves = result['models']
   if 'standard' in curves:
     for name in curves:
@@ -90,11 +133,12 @@ def figure(result):
   """Smoothed perplexity vs position (log y) above the smoothed ratio to the standard model."""
   x = result['positions']
   n, w = result['num_windows'], result['smooth']
+  curves = dict(result['models'], **result.get('references', {}))
   panels = [plots.line_plot(
-      {name: (x, m['perplexity_smoothed']) for name, m in result['models'].items()},
+      {name: (x, m['perplexity_smoothed']) for name, m in curves.items()},
       title=f'Perplexity vs context position ({n} test windows, moving average over {w})',
       xlabel='position t (predicting token t + 1 from tokens 0..t)', ylabel='perplexity', logy=True,
-      colours=plots.COLOURS)]
+      colours=dict(plots.COLOURS, **REFERENCE_COLOURS))]
   if result['ratios']:
     panels.append(plots.line_plot(
         {k: (x, r['smoothed']) for k, r in result['ratios'].items()},
@@ -107,8 +151,11 @@ def figure(result):
 def summary_lines(result):
   lines = [f"perplexity on {result['num_windows']} test windows of {result['seq_len']}:"]
   for name, m in result['models'].items():
-    lines.append(f"  {name:<13} mean loss {m['mean_loss']:.3f} nats, perplexity at first "
+    lines.append(f"  {name:<18} mean loss {m['mean_loss']:.3f} nats, perplexity at first "
                  f"{m['perplexity'][0]:.2f}, at last (smoothed) {m['perplexity_smoothed'][-1]:.2f}")
+  for name, m in result.get('references', {}).items():
+    lines.append(f"  {name:<18} mean loss {m['mean_loss']:.3f} nats (reference: counts of the "
+                 f"window so far), at last (smoothed) {m['perplexity_smoothed'][-1]:.2f}")
   for key, s in result['summary'].items():
     trend = 'shrinks' if s['shrinks'] else 'does not shrink'
     lines.append(f"  {key}: ratio first 10% {s['mean_first_10pct']:.2f}x, last 10% "

@@ -156,43 +156,69 @@ def oracle_generator(task, vocab):
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _task_entry(task, models, vocab, tok, seq_len, *, num_examples, batch_size, num_shown,
+                seed, settings):
+  """Oracle, chance and each model's accuracy (with a few decoded examples) on one task."""
+  v = vocab.size
+  prompts, answers = make_task(task, num_examples, vocab, seed=seed, **settings)
+  a = answers.shape[1]
+  entry = {'settings': settings, 'prompt_len': prompts.shape[1], 'answer_len': a,
+           'beyond_training_length': prompts.shape[1] + a > seq_len + 1,
+           'oracle': score(oracle_generator(task, vocab), prompts, answers)[0],
+           'random_guess': score(random_generator(v, a, seed), prompts, answers)[0],
+           'accuracy': {}, 'examples': {}}
+  for name, (fam, params) in models.items():
+    acc, preds = score(model_generator(fam, params, a, seed), prompts, answers, batch_size)
+    entry['accuracy'][name] = acc
+    entry['examples'][name] = [
+        {'prompt': tok.decode(prompts[i]), 'answer': tok.decode(answers[i]),
+         'prediction': tok.decode(preds[i]), 'correct': bool((preds[i] == answers[i]).all()),
+         'prompt_tokens': prompts[i], 'answer_tokens': answers[i], 'prediction_tokens': preds[i]}
+        for i in range(min(num_shown, num_examples))]
+  return entry
+
+
 def evaluate(models, *, num_examples=1000, num_pairs=3, in_len=3, out_len=2, num_demos=1,
-             batch_size=100, num_shown=3, seed=0):
-  """Accuracy of each model {name: (family, params)} on each task; the result dict."""
+             lookup_pairs=(1, 2), batch_size=100, num_shown=3, seed=0):
+  """Accuracy of each model {name: (family, params)} on each task; the result dict.
+
+  Besides the paper's two tasks, LookUp is also scored at each of `lookup_pairs` (fewer
+  pairs: a shorter, easier prompt), so a small model's accuracy shows where it gives out.
+  """
   family = next(iter(models.values()))[0]
   tok, v, seq_len = family.tokenizer(), family.config.data.vocab_size, family.config.data.seq_len
   vocab = task_vocab(tok, v)
   settings = {'lookup': dict(num_pairs=num_pairs),
               'permutation': dict(in_len=in_len, out_len=out_len, num_demos=num_demos)}
+  common = dict(num_examples=num_examples, batch_size=batch_size, num_shown=num_shown)
   result = {'num_examples': num_examples, 'seed': seed, 'num_symbols': len(vocab.symbols),
             'excluded_tokens': sorted(set(range(v)) - set(vocab.symbols.tolist())),
-            'tasks': {}}
+            'tasks': {}, 'lookup_by_pairs': {}}
   for t, task in enumerate(TASKS):
-    prompts, answers = make_task(task, num_examples, vocab, seed=seed + t, **settings[task])
-    a = answers.shape[1]
-    entry = {'settings': settings[task], 'prompt_len': prompts.shape[1], 'answer_len': a,
-             'beyond_training_length': prompts.shape[1] + a > seq_len + 1,
-             'oracle': score(oracle_generator(task, vocab), prompts, answers)[0],
-             'random_guess': score(random_generator(v, a, seed), prompts, answers)[0],
-             'accuracy': {}, 'examples': {}}
-    for name, (fam, params) in models.items():
-      acc, preds = score(model_generator(fam, params, a, seed), prompts, answers, batch_size)
-      entry['accuracy'][name] = acc
-      entry['examples'][name] = [
-          {'prompt': tok.decode(prompts[i]), 'answer': tok.decode(answers[i]),
-           'prediction': tok.decode(preds[i]), 'correct': bool((preds[i] == answers[i]).all()),
-           'prompt_tokens': prompts[i], 'answer_tokens': answers[i], 'prediction_tokens': preds[i]}
-          for i in range(min(num_shown, num_examples))]
-    result['tasks'][task] = entry
+    result['tasks'][task] = _task_entry(task, models, vocab, tok, seq_len, seed=seed + t,
+                                        settings=settings[task], **common)
+  for n in sorted(set(lookup_pairs) | {num_pairs}):
+    entry = (result['tasks']['lookup'] if n == num_pairs else
+             _task_entry('lookup', models, vocab, tok, seq_len, seed=seed,
+                         **dict(common, num_shown=0), settings=dict(num_pairs=n)))
+    result['lookup_by_pairs'][str(n)] = dict(accuracy=entry['accuracy'], oracle=entry['oracle'],
+                                             random_guess=entry['random_guess'])
   return result
+
+
+def _pairs_label(n):
+  return f"LookUp {n} pair{'s' if int(n) > 1 else ''}"
 
 
 def figure(result):
   groups = {NAMES[t]: dict(e['accuracy'], oracle=e['oracle'], chance=e['random_guess'])
             for t, e in result['tasks'].items()}
+  groups.update({_pairs_label(n): dict(e['accuracy'], chance=e['random_guess'])
+                 for n, e in result['lookup_by_pairs'].items()
+                 if int(n) != result['tasks']['lookup']['settings']['num_pairs']})
   return plots.bar_chart(groups, title=f"In-context reasoning accuracy ({result['num_examples']}"
                          ' examples per task, greedy decoding)', ylabel='accuracy', ymax=1.1,
-                         colours=plots.COLOURS)
+                         colours=plots.COLOURS, size=(160 * len(groups) + 160, 400))
 
 
 def summary_lines(result):
@@ -201,6 +227,9 @@ def summary_lines(result):
     accs = ', '.join(f'{n} {a:.3f}' for n, a in e['accuracy'].items())
     lines.append(f"  {NAMES[t]:<12} {accs} (oracle {e['oracle']:.3f}, chance "
                  f"{e['random_guess']:.3f})")
+  for n, e in result['lookup_by_pairs'].items():
+    accs = ', '.join(f'{m} {a:.3f}' for m, a in e['accuracy'].items())
+    lines.append(f"  {_pairs_label(n):<15} {accs} (chance {e['random_guess']:.3f})")
   return lines
 
 
