@@ -71,7 +71,6 @@ def in_context_losses(windows, vocab_size, order, alphas=(1.0, 2.0)):
 
 
 REFERENCES = {'in-context unigram': 1, 'in-context bigram': 2}
-REFERENCE_COLOURS = {'in-context unigram': (185, 185, 185), 'in-context bigram': (90, 90, 90)}
 
 
 def _mean(x):
@@ -138,7 +137,7 @@ def figure(result):
       {name: (x, m['perplexity_smoothed']) for name, m in curves.items()},
       title=f'Perplexity vs context position ({n} test windows, moving average over {w})',
       xlabel='position t (predicting token t + 1 from tokens 0..t)', ylabel='perplexity', logy=True,
-      colours=dict(plots.COLOURS, **REFERENCE_COLOURS))]
+      colours=plots.COLOURS)]
   if result['ratios']:
     panels.append(plots.line_plot(
         {k: (x, r['smoothed']) for k, r in result['ratios'].items()},

@@ -16,7 +16,8 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 GRID, HLINE = (228, 228, 228), (110, 110, 110)
 # The evaluated models keep their colours across figures; references are greys.
 COLOURS = {'lexinvariant': PALETTE[0], 'standard': PALETTE[1], 'semi': PALETTE[2],
-           'oracle': (90, 90, 90), 'chance': (185, 185, 185)}
+           'oracle': (90, 90, 90), 'chance': (185, 185, 185),
+           'in-context bigram': (90, 90, 90), 'in-context unigram': (185, 185, 185)}
 
 
 def nice_ticks(lo, hi, target=6):

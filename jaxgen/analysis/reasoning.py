@@ -218,7 +218,7 @@ def figure(result):
                  if int(n) != result['tasks']['lookup']['settings']['num_pairs']})
   return plots.bar_chart(groups, title=f"In-context reasoning accuracy ({result['num_examples']}"
                          ' examples per task, greedy decoding)', ylabel='accuracy', ymax=1.1,
-                         colours=plots.COLOURS, size=(160 * len(groups) + 160, 400))
+                         colours=plots.COLOURS, size=(max(640, 160 * len(groups) + 160), 400))
 
 
 def summary_lines(result):
