@@ -21,13 +21,11 @@ MODES = ('lexinvariant', 'standard', 'semi')
 
 
 def _int_list(text):
-  try:
-    values = [int(n) for n in text.split(',') if n.strip()]
-  except ValueError:
-    values = [0]
-  if any(n < 1 for n in values):
+  """'1,2' -> [1, 2] ('' -> []): positive integers, else an argparse error."""
+  items = [n.strip() for n in text.split(',') if n.strip()]
+  if not all(n.isdigit() and int(n) > 0 for n in items):
     raise argparse.ArgumentTypeError(f'{text!r}: give positive integers separated by commas')
-  return values
+  return [int(n) for n in items]
 
 
 def parse_args(argv=None):

@@ -210,12 +210,17 @@ def _pairs_label(n):
   return f"LookUp {n} pair{'s' if int(n) > 1 else ''}"
 
 
+def _other_pair_counts(result):
+  """The LookUp sweep's entries {n: entry} without the main task's (shown as 'LookUp')."""
+  main = result['tasks']['lookup']['settings']['num_pairs']
+  return {n: e for n, e in result['lookup_by_pairs'].items() if int(n) != main}
+
+
 def figure(result):
   groups = {NAMES[t]: dict(e['accuracy'], oracle=e['oracle'], chance=e['random_guess'])
             for t, e in result['tasks'].items()}
   groups.update({_pairs_label(n): dict(e['accuracy'], chance=e['random_guess'])
-                 for n, e in result['lookup_by_pairs'].items()
-                 if int(n) != result['tasks']['lookup']['settings']['num_pairs']})
+                 for n, e in _other_pair_counts(result).items()})
   return plots.bar_chart(groups, title=f"In-context reasoning accuracy ({result['num_examples']}"
                          ' examples per task, greedy decoding)', ylabel='accuracy', ymax=1.1,
                          colours=plots.COLOURS, size=(max(640, 160 * len(groups) + 160), 400))
@@ -227,7 +232,7 @@ def summary_lines(result):
     accs = ', '.join(f'{n} {a:.3f}' for n, a in e['accuracy'].items())
     lines.append(f"  {NAMES[t]:<12} {accs} (oracle {e['oracle']:.3f}, chance "
                  f"{e['random_guess']:.3f})")
-  for n, e in result['lookup_by_pairs'].items():
+  for n, e in _other_pair_counts(result).items():
     accs = ', '.join(f'{m} {a:.3f}' for m, a in e['accuracy'].items())
     lines.append(f"  {_pairs_label(n):<15} {accs} (chance {e['random_guess']:.3f})")
   return lines
