@@ -62,9 +62,42 @@ def test_each_sequence_has_its_own_table_used_at_every_position():
   assert np.abs(h[0, 0] - h[0, 1]).max() > 0.1
 
 
-def test_family_tables_differ_per_row_and_follow_the_rng(tiny_lm_config):
-  fam = lm_family.Family(tiny_lm_config('lexinvariant'))
+def test_orthogonal_tables_have_orthonormal_rows_at_the_gaussian_scale():
+  keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+  t = np.asarray(lm.random_tables(keys, V, D, kind='orthogonal'), np.float64)
+  # E E^T = d I exactly, where a Gaussian table's rows only nearly are orthogonal.
+  np.testing.assert_allclose(np.einsum('bvd,bud->bvu', t, t), np.broadcast_to(D * np.eye(V),
+                             (len(t), V, V)), atol=1e-3)
+  assert not np.allclose(t[0], t[1])
+  # Haar-distributed: every entry has mean 0 and variance 1 (a QR without its sign fix gives
+  # the first coordinate of row 0 a fixed sign, mean -0.8 here).
+  for row in (0, V - 1):
+    assert abs(t[:, row, 0].mean()) < 0.1, t[:, row, 0].mean()
+    np.testing.assert_allclose(t[:, row, 0].var(), 1.0, atol=0.1)
+  with pytest.raises(ValueError, match='width >= vocab'):
+    lm.random_tables(keys[:1], D + 1, D, kind='orthogonal')
+
+
+def test_orthogonal_table_config_is_checked_against_the_width(tiny_lm_config):
+  from jaxgen.errors import UserError
+  cfg = tiny_lm_config('lexinvariant')
+  cfg.model.table = 'orthogonal'  # tiny: width 32 < 128 characters
+  with pytest.raises(UserError, match='model.width >= the vocabulary'):
+    lm_family.Family(cfg)
+  cfg.model.table = 'uniform'
+  with pytest.raises(UserError, match='unknown --config.model.table'):
+    lm_family.Family(cfg)
+
+
+@pytest.mark.parametrize('table', ['gaussian', 'orthogonal'])
+def test_family_tables_differ_per_row_and_follow_the_rng(tiny_lm_config, table):
+  cfg = tiny_lm_config('lexinvariant')
+  cfg.model.update(table=table, width=128)
+  fam = lm_family.Family(cfg)
   t = fam.tables(jax.random.PRNGKey(3), 4)
+  gram = np.einsum('bvd,bud->bvu', t, t) / cfg.model.width
+  off_diagonal = np.abs(gram - np.eye(cfg.data.vocab_size)).max()
+  assert off_diagonal < 1e-4 if table == 'orthogonal' else off_diagonal > 0.2, off_diagonal
   assert t.shape == (4, fam.config.data.vocab_size, fam.config.model.width)
   assert all(not np.allclose(t[i], t[j]) for i in range(4) for j in range(i))
   np.testing.assert_array_equal(t, fam.tables(jax.random.PRNGKey(3), 4))

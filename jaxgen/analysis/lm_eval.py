@@ -49,11 +49,8 @@ def example_tables(family, key, ids):
   """Random tables [B, V, d] for examples `ids` [B] (None for learned embeddings); jittable.
 
   Example i's table comes from fold_in(key, i), so it does not depend on the batching."""
-  if family.mode != 'lexinvariant':
-    return None
-  from jaxgen.models import lm
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-  return lm.random_tables(keys, family.config.data.vocab_size, family.config.model.width)
+  return family.tables_from_keys(keys)
 
 
 def padded_batches(n, batch_size):

@@ -2,7 +2,8 @@
 
 config.model.embedding picks the mode:
   standard      learned embedding table, tied readout;
-  lexinvariant  a fresh N(0, I) table per sequence (from a per-sequence key), tied readout;
+  lexinvariant  a fresh N(0, I) table per sequence (from a per-sequence key), tied readout
+                (config.model.table=orthogonal: random orthogonal rows of the same scale);
   semi          standard embeddings, trained on sequences where a Bernoulli(p) subset of
                 positions goes through a random per-sequence vocabulary permutation.
 """
@@ -41,6 +42,12 @@ class Family(FamilyBase):
     if m.embedding not in MODES:
       raise UserError(f'unknown --config.model.embedding={m.embedding!r}: use one of {MODES}')
     self.mode = m.embedding
+    table = m.get('table', 'gaussian')  # workdirs saved before the option read as gaussian
+    if table not in lm.TABLES:
+      raise UserError(f'unknown --config.model.table={table!r}: use one of {lm.TABLES}')
+    if table == 'orthogonal' and m.width < d.vocab_size:
+      raise UserError(f'--config.model.table=orthogonal needs model.width >= the vocabulary '
+                      f'({m.width} < {d.vocab_size}): use table=gaussian or a wider model')
     self.model = lm.TransformerLM(
         vocab_size=d.vocab_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
         mlp_dim=m.mlp_dim, max_len=d.seq_len,
@@ -52,11 +59,14 @@ class Family(FamilyBase):
   # -- the model ----------------------------------------------------------------
   def tables(self, rng, batch_size):
     """Per-sequence random tables (lexinvariant mode), else None: row i uses split(rng)[i]."""
+    return self.tables_from_keys(jax.random.split(rng, batch_size))
+
+  def tables_from_keys(self, keys):
+    """One random table per key [B] (config.model.table: gaussian or orthogonal), else None."""
     if self.mode != 'lexinvariant':
       return None
-    d = self.config.data
-    return lm.random_tables(jax.random.split(rng, batch_size), d.vocab_size,
-                            self.config.model.width)
+    return lm.random_tables(keys, self.config.data.vocab_size, self.config.model.width,
+                            kind=self.config.model.get('table', 'gaussian'))
 
   def apply(self, params, tokens, tables=None, **kwargs):
     return self.model.apply({'params': params}, tokens, tables, **kwargs)
