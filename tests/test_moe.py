@@ -117,8 +117,9 @@ def test_every_dispatch_matches_numpy_when_nothing_is_dropped(kind, renormalize)
                  renormalize=renormalize, capacity_factor=e / k, record_routing=True)
   params = _params(base, x)
   ref, stats = np_moe(params, x, kind=kind, num_experts=e, top_k=k, renormalize=renormalize)
-  for dispatch in ('dense', 'dropless', 'capacity'):
-    y, sown = _apply(base.clone(dispatch=dispatch), params, x)
+  for dispatch, grouped in (('dense', 'blocks'), ('dropless', 'blocks'),
+                            ('dropless', 'ragged_dot'), ('capacity', 'blocks')):
+    y, sown = _apply(base.clone(dispatch=dispatch, grouped_matmul=grouped), params, x)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4, err_msg=dispatch)
     assert float(sown['moe_dropped_fraction']) == 0.0, dispatch
     np.testing.assert_array_equal(sown['moe_topk_indices'], stats['moe_topk_indices'])
@@ -129,6 +130,35 @@ def test_every_dispatch_matches_numpy_when_nothing_is_dropped(kind, renormalize)
   other, _ = np_moe(params, x, kind=kind, num_experts=e, top_k=k,
                     renormalize=not renormalize)
   assert np.abs(other - ref).max() > 1e-2
+
+
+@pytest.mark.parametrize('kind', ['swiglu', 'gelu'])
+def test_blocked_grouped_matmul_matches_numpy_on_uneven_groups(kind):
+  # Sorted rows of 4 experts with groups 0, 5, 17, 1 (empty, under, over and at one block)
+  # and 3 padding rows (sentinel id 4) that must come back as zeros.
+  sizes = np.array([0, 5, 17, 1])
+  ids = np.concatenate([np.repeat(np.arange(4), sizes), [4, 4, 4]]).astype(np.int32)
+  rng = np.random.default_rng(0)
+  xs = rng.standard_normal((len(ids), D)).astype(np.float32)
+  names = {'swiglu': ('wi_gate', 'wi_up', 'wo'), 'gelu': ('wi', 'bi', 'wo', 'bo')}[kind]
+  shapes = {'wi_gate': (4, D, H), 'wi_up': (4, D, H), 'wi': (4, D, H), 'bi': (4, H),
+            'wo': (4, H, D), 'bo': (4, D)}
+  p = {n: (0.3 * rng.standard_normal(shapes[n])).astype(np.float32) for n in names}
+  ref = np.zeros_like(xs, np.float64)
+  for r, e in enumerate(ids[:-3]):
+    x = xs[r].astype(np.float64)
+    if kind == 'swiglu':
+      g, u = x @ p['wi_gate'][e], x @ p['wi_up'][e]
+      ref[r] = (g / (1 + np.exp(-g)) * u) @ p['wo'][e]
+    else:
+      a = x @ p['wi'][e] + p['bi'][e]
+      gelu = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3)))
+      ref[r] = gelu @ p['wo'][e] + p['bo'][e]
+  layout = moe._block_layout(jnp.asarray(ids), jnp.asarray(sizes), 4)
+  assert layout[2] == -(-len(ids) // 4) + 4 and list(layout[1][:6]) == [1, 1, 2, 2, 2, 2]
+  y = moe._blocked_ffn(jnp.asarray(xs), jnp.asarray(ids), jnp.asarray(sizes), p, kind)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+  assert moe.block_size(1024, 8) == 64 and moe.block_size(10, 8) == 8
 
 
 def test_capacity_drops_the_lowest_priority_assignments():
@@ -293,14 +323,15 @@ def test_expert_parallel_equals_single_device():
     assert 'all-to-all' in hlo, dispatch
 
 
-def test_dropless_expert_parallel_with_fsdp_and_ragged_token_count():
+@pytest.mark.parametrize('grouped', ['blocks', 'ragged_dot'])
+def test_dropless_expert_parallel_with_fsdp_and_ragged_token_count(grouped):
   """fsdp=2 x expert=4: expert weights are also split over 'fsdp' (gathered inside
   shard_map); 6 tokens do not divide the 8 token shards (zero-padded)."""
   e = 8
   rules = sharding.rules_tuple(sharding.DEFAULT_RULES)
   mesh = _mesh(fsdp=2, expert=4)
   x = _x((1, 6, D), seed=13)
-  m = moe.MoE(num_experts=e, expert_hidden=H, dispatch='dropless')
+  m = moe.MoE(num_experts=e, expert_hidden=H, dispatch='dropless', grouped_matmul=grouped)
   params = _sharded_init(m, x, mesh, rules)
   assert {s.data.shape for s in params['wi_gate'].addressable_shards} == {(e // 4, D // 2, H)}
   ref, stats = np_moe(jax.device_get(params), x, kind='swiglu', num_experts=e, top_k=2)
