@@ -10,12 +10,20 @@ references match the MoE's activated FLOPs per token (router + 2 experts + share
 MLP kind, so the ratio isolates the cost of sparse dispatch) and with DiT's GELU MLP of
 ratio 15 (which runs faster per FLOP than SwiGLU: two larger matmuls instead of three).
 Reported: step time of each, MoE / FLOP-matched dense ratios, dense-all-experts slowdown.
+The same ratios for one layer alone (forward + backward of the MoE layer against the SwiGLU MLP
+of hidden 10 D on the same tokens) separate the dispatch cost from what a whole step adds per
+parameter: AdamW and the EMA read and write all 8 experts' weights every step, the MoE has
+2.7x the dense model's parameters, and on a CPU that memory traffic is not hidden.
 """
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common, train_step  # noqa: E402
+from jaxgen.models import layers, moe  # noqa: E402
 
 COLUMNS = (('config', 'config'), ('batch', 'batch'), ('params', 'params'),
            ('train_gflops_per_step', 'GFLOP/step'), ('compile_s', 'compile s'),
@@ -61,6 +69,29 @@ RUNS = (('dense DiT SwiGLU (FLOP-matched)', None, 'swiglu', None),
         ('MoE 8E2A dense-all-experts', 'dense', None, None))
 
 
+def layer_ms(args, tokens=64, width=384):
+  """Median ms of forward + backward of one layer on [batch, tokens, width]: the
+  FLOP-matched dense SwiGLU MLP and the MoE layer with each dispatch."""
+  dtype = jnp.dtype(args.dtype)
+  x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, tokens, width), dtype)
+  modules = {'dense SwiGLU MLP (FLOP-matched)': layers.Mlp(int(DENSE['swiglu'] * width),
+                                                          'swiglu', dtype)}
+  for label, dispatch, _, grouped in RUNS[2:]:
+    modules[label] = moe.MoE(num_experts=8, top_k=2, num_shared=2, dispatch=dispatch,
+                             grouped_matmul=grouped or 'blocks', dtype=dtype)
+  out = {}
+  for label, module in modules.items():
+    params = module.init(jax.random.PRNGKey(1), x)['params']
+
+    def loss(p, x, module=module):
+      y, _ = module.apply({'params': p}, x, mutable=['intermediates'])
+      return jnp.sum(jnp.square(y.astype(jnp.float32)))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    stats = common.time_calls(lambda: grad(params, x), max(args.steps, 10), args.warmup)
+    out[label] = 1e3 * stats['median_s']
+  return out
+
+
 def main(argv=None):
   args = parse_args(argv)
   ceilings, machine = common.start()
@@ -82,14 +113,29 @@ def main(argv=None):
              'dense_all_experts_over_dropless_blocks': dense_all / ms[DROPLESS],
              'dense_all_experts_over_capacity': dense_all / ms['MoE 8E2A capacity'],
              'dropless_ragged_dot_over_blocks': ms[RAGGED] / ms[DROPLESS]}
+  layer = layer_ms(args)
+  dense_mlp = layer['dense SwiGLU MLP (FLOP-matched)']
+  summary['layer_ms'] = layer
+  summary['layer_capacity_over_dense_mlp'] = layer['MoE 8E2A capacity'] / dense_mlp
+  summary['layer_dropless_over_dense_mlp'] = layer[DROPLESS] / dense_mlp
+  summary['layer_dense_all_experts_over_capacity'] = layer['MoE 8E2A dense-all-experts'] / layer[
+      'MoE 8E2A capacity']
+  summary['layer_dense_all_experts_over_dropless'] = layer['MoE 8E2A dense-all-experts'] / layer[
+      DROPLESS]
   args.summary = summary
   common.finish(args, rows, COLUMNS, machine)
+  print('one layer, forward + backward (ms): ' + ', '.join(f'{k} {v:.1f}' for k, v in
+                                                          layer.items()))
   print(f"best sparse MoE step / FLOP-matched dense step: "
         f"{summary['moe_over_dense_swiglu_best_sparse']:.2f} vs SwiGLU (target <= 1.3), "
         f"{summary['moe_over_dense_gelu_best_sparse']:.2f} vs GELU; dense-all-experts / best "
         f"sparse: {summary['dense_all_experts_over_best_sparse']:.2f} (target >= 2), over dropless "
         f"(blocks) {summary['dense_all_experts_over_dropless_blocks']:.2f}; dropless ragged_dot / "
         f"blocks: {summary['dropless_ragged_dot_over_blocks']:.2f}")
+  print(f"one layer: capacity / dense MLP {summary['layer_capacity_over_dense_mlp']:.2f}, "
+        f"dropless / dense MLP {summary['layer_dropless_over_dense_mlp']:.2f}; dense-all-experts "
+        f"/ capacity {summary['layer_dense_all_experts_over_capacity']:.2f}, / dropless "
+        f"{summary['layer_dense_all_experts_over_dropless']:.2f}")
 
 if __name__ == '__main__':
   main()
