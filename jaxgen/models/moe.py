@@ -40,8 +40,8 @@ Dispatch implementations (identical functions when nothing is dropped):
               summed over K. Never drops. grouped_matmul 'blocks' (default) pads each group to
               whole blocks of one expert and runs one batched matmul over the blocks with
               per-block gathered weights; 'ragged_dot' calls `jax.lax.ragged_dot`, for
-              backends with a grouped-GEMM kernel. Expert parallelism (a mesh is active, the 'expert'
-              rule maps to mesh axes of total size n > 1 and n divides E): routing and the
+              backends with a grouped-GEMM kernel. Expert parallelism (a mesh is active, the
+              'expert' rule maps to mesh axes of total size n > 1 and n divides E): routing and the
               balance loss are computed on the global arrays; the expert computation runs in
               `jax.shard_map` where each device holds E/n experts (in_specs
               P('expert', None, None): 'fsdp'/'tensor' shards of the expert weights are
