@@ -61,12 +61,13 @@ def make_config(args, dispatch=None, dense_kind='swiglu', grouped='blocks'):
 
 
 DROPLESS, RAGGED = 'MoE 8E2A dropless (blocks)', 'MoE 8E2A dropless (ragged_dot)'
+CAPACITY, DENSE_ALL = 'MoE 8E2A capacity', 'MoE 8E2A dense-all-experts'
 RUNS = (('dense DiT SwiGLU (FLOP-matched)', None, 'swiglu', None),
         ('dense DiT GELU (FLOP-matched)', None, 'gelu', None),
         (DROPLESS, 'dropless', None, 'blocks'),
         (RAGGED, 'dropless', None, 'ragged_dot'),
-        ('MoE 8E2A capacity', 'capacity', None, None),
-        ('MoE 8E2A dense-all-experts', 'dense', None, None))
+        (CAPACITY, 'capacity', None, None),
+        (DENSE_ALL, 'dense', None, None))
 
 
 def layer_ms(args, tokens=64, width=384):
@@ -105,23 +106,21 @@ def main(argv=None):
   for row in rows:
     row['vs_dense'] = row['step_ms_median'] / swiglu
     row['vs_dense_gelu'] = row['step_ms_median'] / gelu
-  sparse = min(ms[DROPLESS], ms['MoE 8E2A capacity'])
-  dense_all = ms['MoE 8E2A dense-all-experts']
+  sparse = min(ms[DROPLESS], ms[CAPACITY])
+  dense_all = ms[DENSE_ALL]
   summary = {'moe_over_dense_swiglu_best_sparse': sparse / swiglu,
              'moe_over_dense_gelu_best_sparse': sparse / gelu,
              'dense_all_experts_over_best_sparse': dense_all / sparse,
              'dense_all_experts_over_dropless_blocks': dense_all / ms[DROPLESS],
-             'dense_all_experts_over_capacity': dense_all / ms['MoE 8E2A capacity'],
+             'dense_all_experts_over_capacity': dense_all / ms[CAPACITY],
              'dropless_ragged_dot_over_blocks': ms[RAGGED] / ms[DROPLESS]}
   layer = layer_ms(args)
   dense_mlp = layer['dense SwiGLU MLP (FLOP-matched)']
   summary['layer_ms'] = layer
-  summary['layer_capacity_over_dense_mlp'] = layer['MoE 8E2A capacity'] / dense_mlp
+  summary['layer_capacity_over_dense_mlp'] = layer[CAPACITY] / dense_mlp
   summary['layer_dropless_over_dense_mlp'] = layer[DROPLESS] / dense_mlp
-  summary['layer_dense_all_experts_over_capacity'] = layer['MoE 8E2A dense-all-experts'] / layer[
-      'MoE 8E2A capacity']
-  summary['layer_dense_all_experts_over_dropless'] = layer['MoE 8E2A dense-all-experts'] / layer[
-      DROPLESS]
+  summary['layer_dense_all_experts_over_capacity'] = layer[DENSE_ALL] / layer[CAPACITY]
+  summary['layer_dense_all_experts_over_dropless'] = layer[DENSE_ALL] / layer[DROPLESS]
   args.summary = summary
   common.finish(args, rows, COLUMNS, machine)
   print('one layer, forward + backward (ms): ' + ', '.join(f'{k} {v:.1f}' for k, v in

@@ -26,8 +26,8 @@ def get_config(arg='demo'):
   elif variant == 'demo':
     dit_config.demo(c)
     # Sized for ~17 minutes on 2 CPU cores: experts of hidden 2D (mlp_ratio), one shared
-    # expert, batch 32. Capacity dispatch: dropless (blocked grouped matmul) is ~1.4x slower
-    # on CPU at this batch (benchmarks/moe.py).
+    # expert, batch 32. Capacity dispatch: the dropless step (blocked grouped matmul) is
+    # 1.2-1.5x slower on CPU at batch 16-8 (benchmarks/moe.py).
     c.model.update(mlp_ratio=2.0)
     c.model.moe = dit_config.moe(8, num_shared=1, dispatch='capacity')
     c.update(batch_size=32, total_steps=1500, checkpoint_every=500, sample_every=750,
