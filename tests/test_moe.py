@@ -52,6 +52,13 @@ def _silu(z):
   return z / (1 + np.exp(-z))
 
 
+def np_expert(p, kind, e, v):
+  """Expert e of float64 weights p applied to v [..., D]."""
+  if kind == 'swiglu':
+    return (_silu(v @ p['wi_gate'][e]) * (v @ p['wi_up'][e])) @ p['wo'][e]
+  return _gelu(v @ p['wi'][e] + p['bi'][e]) @ p['wo'][e] + p['bo'][e]
+
+
 def np_moe(params, x, *, kind, num_experts, top_k, renormalize=False, num_shared=2,
            capacity=None, alpha=0.005):
   """Float64 reference, written independently of the layer (loops over assignments).
@@ -78,16 +85,11 @@ def np_moe(params, x, *, kind, num_experts, top_k, renormalize=False, num_shared
           kept[g * l + s, k] = used[e] < capacity
           used[e] += 1
 
-  def expert(e, v):
-    if kind == 'swiglu':
-      return (_silu(v @ p['wi_gate'][e]) * (v @ p['wi_up'][e])) @ p['wo'][e]
-    return _gelu(v @ p['wi'][e] + p['bi'][e]) @ p['wo'][e] + p['bo'][e]
-
   y = np.zeros_like(xt)
   for t in range(b * l):
     for k in range(top_k):
       if kept[t, k]:
-        y[t] += w[t, k] * expert(idx[t, k], xt[t])
+        y[t] += w[t, k] * np_expert(p, kind, idx[t, k], xt[t])
   if num_shared:
     s = p['shared']
     if kind == 'swiglu':
@@ -144,16 +146,10 @@ def test_blocked_grouped_matmul_matches_numpy_on_uneven_groups(kind):
   shapes = {'wi_gate': (4, D, H), 'wi_up': (4, D, H), 'wi': (4, D, H), 'bi': (4, H),
             'wo': (4, H, D), 'bo': (4, D)}
   p = {n: (0.3 * rng.standard_normal(shapes[n])).astype(np.float32) for n in names}
+  p64 = {n: v.astype(np.float64) for n, v in p.items()}
   ref = np.zeros_like(xs, np.float64)
   for r, e in enumerate(ids[:-3]):
-    x = xs[r].astype(np.float64)
-    if kind == 'swiglu':
-      g, u = x @ p['wi_gate'][e], x @ p['wi_up'][e]
-      ref[r] = (g / (1 + np.exp(-g)) * u) @ p['wo'][e]
-    else:
-      a = x @ p['wi'][e] + p['bi'][e]
-      gelu = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3)))
-      ref[r] = gelu @ p['wo'][e] + p['bo'][e]
+    ref[r] = np_expert(p64, kind, e, xs[r].astype(np.float64))
   layout = moe._block_layout(jnp.asarray(ids), jnp.asarray(sizes), 4)
   assert layout[2] == -(-len(ids) // 4) + 4 and list(layout[1][:6]) == [1, 1, 2, 2, 2, 2]
   y = moe._blocked_ffn(jnp.asarray(xs), jnp.asarray(ids), jnp.asarray(sizes), p, kind)

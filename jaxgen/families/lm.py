@@ -42,10 +42,10 @@ class Family(FamilyBase):
     if m.embedding not in MODES:
       raise UserError(f'unknown --config.model.embedding={m.embedding!r}: use one of {MODES}')
     self.mode = m.embedding
-    table = m.get('table', 'gaussian')  # workdirs saved before the option read as gaussian
-    if table not in lm.TABLES:
-      raise UserError(f'unknown --config.model.table={table!r}: use one of {lm.TABLES}')
-    if table == 'orthogonal' and m.width < d.vocab_size:
+    self.table = m.get('table', 'gaussian')  # workdirs saved before the option: gaussian
+    if self.table not in lm.TABLES:
+      raise UserError(f'unknown --config.model.table={self.table!r}: use one of {lm.TABLES}')
+    if self.table == 'orthogonal' and m.width < d.vocab_size:
       raise UserError(f'--config.model.table=orthogonal needs model.width >= the vocabulary '
                       f'({m.width} < {d.vocab_size}): use table=gaussian or a wider model')
     self.model = lm.TransformerLM(
@@ -66,7 +66,7 @@ class Family(FamilyBase):
     if self.mode != 'lexinvariant':
       return None
     return lm.random_tables(keys, self.config.data.vocab_size, self.config.model.width,
-                            kind=self.config.model.get('table', 'gaussian'))
+                            kind=self.table)
 
   def apply(self, params, tokens, tables=None, **kwargs):
     return self.model.apply({'params': params}, tokens, tables, **kwargs)
