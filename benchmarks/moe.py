@@ -9,6 +9,12 @@ references match the MoE's activated FLOPs per token (router + 2 experts + share
 30 D^2 + 8 D multiply-adds): the same DiT with a SwiGLU MLP of hidden 10 D (the experts' own
 MLP kind, so the ratio isolates the cost of sparse dispatch) and with DiT's GELU MLP of
 ratio 15 (which runs faster per FLOP than SwiGLU: two larger matmuls instead of three).
+Dropless runs with each grouped matmul: 'windows' (the default; whether the router's loads
+fit the windows or it fell back to 'blocks' is reported as moe_window_overflow, with
+moe_max_load), 'blocks' alone, and 'ragged_dot'.
+The MoE rows are timed from a state trained --settle steps first (capacity dispatch, the
+same synthetic batches): a fresh router sends most tokens to a few experts (max load 3.4 x the
+mean at init, 1.2-1.5 after 100 steps of the balance loss), which training leaves behind.
 Reported: step time of each, MoE / FLOP-matched dense ratios, dense-all-experts slowdown.
 The same ratios for one layer alone (forward + backward of the MoE layer against the SwiGLU MLP
 of hidden 10 D on the same tokens) separate the dispatch cost from what a whole step adds per
@@ -23,13 +29,15 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common, train_step  # noqa: E402
+from jaxgen import trainer  # noqa: E402
 from jaxgen.models import layers, moe  # noqa: E402
 
 COLUMNS = (('config', 'config'), ('batch', 'batch'), ('params', 'params'),
            ('train_gflops_per_step', 'GFLOP/step'), ('compile_s', 'compile s'),
            ('step_ms_median', 'step ms (med)'), ('images_per_s', 'img/s'),
            ('mfu_measured', 'MFU (measured)'), ('vs_dense', 'x dense SwiGLU'),
-           ('vs_dense_gelu', 'x dense GELU'))
+           ('vs_dense_gelu', 'x dense GELU'), ('moe_max_load', 'max load'),
+           ('moe_window_overflow', 'fell back'))
 
 
 def parse_args(argv=None):
@@ -39,13 +47,26 @@ def parse_args(argv=None):
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--settle', type=int, default=150,
+                 help='training steps before the MoE rows are timed (0: time from init)')
   return p.parse_args(argv)
+
+
+def settled_state(args):
+  """The MoE state after `args.settle` capacity-dispatch steps (all dispatches share it)."""
+  exp = trainer.Experiment(make_config(args, 'capacity'), workdir=None)
+  state = exp.init_state()
+  if args.settle:
+    _, _, metrics, state = common.time_train_step(exp, state, args.settle, warmup=0)
+    print(f"  settled {args.settle} steps: max expert load {float(metrics['moe_max_load']):.2f}"
+          ' x the mean', flush=True)
+  return state
 
 
 DENSE = {'gelu': 15.0, 'swiglu': 10.0}  # MLP ratio giving 30 D^2 MACs per token
 
 
-def make_config(args, dispatch=None, dense_kind='swiglu', grouped='blocks'):
+def make_config(args, dispatch=None, dense_kind='swiglu', grouped='windows'):
   """S-width DiT-MoE 8E2A with `dispatch`, or (dispatch None) the FLOP-matched dense DiT."""
   config = common.load_config_module('dit_moe').get_config('demo')
   config.model.update(width=384, num_heads=6, depth=args.depth, patch_size=4, dtype=args.dtype)
@@ -60,11 +81,13 @@ def make_config(args, dispatch=None, dense_kind='swiglu', grouped='blocks'):
   return config
 
 
-DROPLESS, RAGGED = 'MoE 8E2A dropless (blocks)', 'MoE 8E2A dropless (ragged_dot)'
+DROPLESS, BLOCKS = 'MoE 8E2A dropless (windows)', 'MoE 8E2A dropless (blocks)'
+RAGGED = 'MoE 8E2A dropless (ragged_dot)'
 CAPACITY, DENSE_ALL = 'MoE 8E2A capacity', 'MoE 8E2A dense-all-experts'
 RUNS = (('dense DiT SwiGLU (FLOP-matched)', None, 'swiglu', None),
         ('dense DiT GELU (FLOP-matched)', None, 'gelu', None),
-        (DROPLESS, 'dropless', None, 'blocks'),
+        (DROPLESS, 'dropless', None, 'windows'),
+        (BLOCKS, 'dropless', None, 'blocks'),
         (RAGGED, 'dropless', None, 'ragged_dot'),
         (CAPACITY, 'capacity', None, None),
         (DENSE_ALL, 'dense', None, None))
@@ -79,7 +102,7 @@ def layer_ms(args, tokens=64, width=384):
                                                           'swiglu', dtype)}
   for label, dispatch, _, grouped in RUNS[2:]:
     modules[label] = moe.MoE(num_experts=8, top_k=2, num_shared=2, dispatch=dispatch,
-                             grouped_matmul=grouped or 'blocks', dtype=dtype)
+                             grouped_matmul=grouped or 'windows', dtype=dtype)
   out = {}
   for label, module in modules.items():
     params = module.init(jax.random.PRNGKey(1), x)['params']
@@ -97,9 +120,11 @@ def main(argv=None):
   args = parse_args(argv)
   ceilings, machine = common.start()
   rows = []
+  settled = settled_state(args)
   for label, dispatch, kind, grouped in RUNS:
-    rows.append(train_step.measure(make_config(args, dispatch, kind, grouped or 'blocks'),
-                                   label, args, ceilings, machine['peak_bf16_flops']))
+    state = None if dispatch is None else jax.tree.map(jnp.copy, settled)
+    rows.append(train_step.measure(make_config(args, dispatch, kind, grouped or 'windows'),
+                                   label, args, ceilings, machine['peak_bf16_flops'], state))
     print(f"  {label}: {rows[-1]['step_ms_median']:.1f} ms/step", flush=True)
   ms = {run[0]: row['step_ms_median'] for run, row in zip(RUNS, rows)}
   swiglu, gelu = ms[RUNS[0][0]], ms[RUNS[1][0]]
@@ -111,14 +136,17 @@ def main(argv=None):
   summary = {'moe_over_dense_swiglu_best_sparse': sparse / swiglu,
              'moe_over_dense_gelu_best_sparse': sparse / gelu,
              'dense_all_experts_over_best_sparse': dense_all / sparse,
-             'dense_all_experts_over_dropless_blocks': dense_all / ms[DROPLESS],
+             'dense_all_experts_over_dropless_windows': dense_all / ms[DROPLESS],
+             'dense_all_experts_over_dropless_blocks': dense_all / ms[BLOCKS],
              'dense_all_experts_over_capacity': dense_all / ms[CAPACITY],
-             'dropless_ragged_dot_over_blocks': ms[RAGGED] / ms[DROPLESS]}
+             'dropless_blocks_over_windows': ms[BLOCKS] / ms[DROPLESS],
+             'dropless_ragged_dot_over_windows': ms[RAGGED] / ms[DROPLESS]}
   layer = layer_ms(args)
   dense_mlp = layer['dense SwiGLU MLP (FLOP-matched)']
   summary['layer_ms'] = layer
   summary['layer_capacity_over_dense_mlp'] = layer[CAPACITY] / dense_mlp
   summary['layer_dropless_over_dense_mlp'] = layer[DROPLESS] / dense_mlp
+  summary['layer_dropless_blocks_over_dense_mlp'] = layer[BLOCKS] / dense_mlp
   summary['layer_dense_all_experts_over_capacity'] = layer[DENSE_ALL] / layer[CAPACITY]
   summary['layer_dense_all_experts_over_dropless'] = layer[DENSE_ALL] / layer[DROPLESS]
   args.summary = summary
@@ -129,8 +157,10 @@ def main(argv=None):
         f"{summary['moe_over_dense_swiglu_best_sparse']:.2f} vs SwiGLU (target <= 1.3), "
         f"{summary['moe_over_dense_gelu_best_sparse']:.2f} vs GELU; dense-all-experts / best "
         f"sparse: {summary['dense_all_experts_over_best_sparse']:.2f} (target >= 2), over dropless "
-        f"(blocks) {summary['dense_all_experts_over_dropless_blocks']:.2f}; dropless ragged_dot / "
-        f"blocks: {summary['dropless_ragged_dot_over_blocks']:.2f}")
+        f"windows {summary['dense_all_experts_over_dropless_windows']:.2f}, over capacity "
+        f"{summary['dense_all_experts_over_capacity']:.2f}; dropless blocks / windows "
+        f"{summary['dropless_blocks_over_windows']:.2f}, ragged_dot / windows "
+        f"{summary['dropless_ragged_dot_over_windows']:.2f}")
   print(f"one layer: capacity / dense MLP {summary['layer_capacity_over_dense_mlp']:.2f}, "
         f"dropless / dense MLP {summary['layer_dropless_over_dense_mlp']:.2f}; dense-all-experts "
         f"/ capacity {summary['layer_dense_all_experts_over_capacity']:.2f}, / dropless "

@@ -61,10 +61,11 @@ def bench_config(variant, args, ceilings, peak):
   return measure(config, label, args, ceilings, peak)
 
 
-def measure(config, label, args, ceilings, peak):
-  """Compiles and times the trainer's step for `config`; one result row labelled `label`."""
+def measure(config, label, args, ceilings, peak, state=None):
+  """Compiles and times the trainer's step for `config` (from `state`, else a fresh one; it is
+  donated); one result row labelled `label`."""
   exp = trainer.Experiment(config, workdir=None)
-  state = exp.init_state()
+  state = exp.init_state() if state is None else state
   stats, compile_s, metrics, state = common.time_train_step(exp, state, args.steps,
                                                              warmup=args.warmup)
   loss = float(metrics['loss'])  # the last timed step's
@@ -85,6 +86,9 @@ def measure(config, label, args, ceilings, peak):
       'mfu_peak': common.ratio(achieved, peak),
       'peak_memory_mib': mem / 2 ** 20, 'peak_memory_source': mem_source,
       'final_loss': loss, 'steps_timed': args.steps, 'step_times_s': stats['times_s'],
+      # MoE routing of the last timed step (did dropless windows fit, how balanced).
+      **{k: float(metrics[k]) for k in ('moe_max_load', 'moe_window_overflow')
+         if k in metrics},
   }
 
 

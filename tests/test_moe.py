@@ -119,14 +119,20 @@ def test_every_dispatch_matches_numpy_when_nothing_is_dropped(kind, renormalize)
                  renormalize=renormalize, capacity_factor=e / k, record_routing=True)
   params = _params(base, x)
   ref, stats = np_moe(params, x, kind=kind, num_experts=e, top_k=k, renormalize=renormalize)
-  for dispatch, grouped in (('dense', 'blocks'), ('dropless', 'blocks'),
-                            ('dropless', 'ragged_dot'), ('capacity', 'blocks')):
+  for dispatch, grouped in (('dense', 'windows'), ('dropless', 'windows'), ('dropless', 'blocks'),
+                            ('dropless', 'ragged_dot'), ('capacity', 'windows')):
     y, sown = _apply(base.clone(dispatch=dispatch, grouped_matmul=grouped), params, x)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4, err_msg=dispatch)
     assert float(sown['moe_dropped_fraction']) == 0.0, dispatch
     np.testing.assert_array_equal(sown['moe_topk_indices'], stats['moe_topk_indices'])
     for name in ('moe_aux_loss', 'moe_router_entropy', 'moe_expert_load'):
       np.testing.assert_allclose(sown[name], stats[name], rtol=1e-5, err_msg=name)
+    if (dispatch, grouped) == ('dropless', 'windows'):
+      counts = stats['moe_expert_load'] * B * L * k
+      overflow = np.any(counts > moe.window_rows(B * L * k, e, base.window_factor))
+      assert float(sown['moe_window_overflow']) == float(overflow)
+    else:
+      assert 'moe_window_overflow' not in sown
   assert y.dtype == jnp.float32 and y.shape == x.shape
   # The reference really uses the (non-)renormalised weights: switching it changes the output.
   other, _ = np_moe(params, x, kind=kind, num_experts=e, top_k=k,
@@ -134,10 +140,10 @@ def test_every_dispatch_matches_numpy_when_nothing_is_dropped(kind, renormalize)
   assert np.abs(other - ref).max() > 1e-2
 
 
-@pytest.mark.parametrize('kind', ['swiglu', 'gelu'])
-def test_blocked_grouped_matmul_matches_numpy_on_uneven_groups(kind):
-  # Sorted rows of 4 experts with groups 0, 5, 17, 1 (empty, under, over and at one block)
-  # and 3 padding rows (sentinel id 4) that must come back as zeros.
+def _uneven_groups(kind):
+  """Sorted rows of 4 experts with groups 0, 5, 17, 1 (empty, under, over and at one block of
+  4) and 3 padding rows (sentinel id 4) that must come back as zeros: (xs, ids, sizes,
+  params, float64 reference)."""
   sizes = np.array([0, 5, 17, 1])
   ids = np.concatenate([np.repeat(np.arange(4), sizes), [4, 4, 4]]).astype(np.int32)
   rng = np.random.default_rng(0)
@@ -150,11 +156,39 @@ def test_blocked_grouped_matmul_matches_numpy_on_uneven_groups(kind):
   ref = np.zeros_like(xs, np.float64)
   for r, e in enumerate(ids[:-3]):
     ref[r] = np_expert(p64, kind, e, xs[r].astype(np.float64))
+  return xs, ids, sizes, p, ref
+
+
+@pytest.mark.parametrize('kind', ['swiglu', 'gelu'])
+def test_blocked_grouped_matmul_matches_numpy_on_uneven_groups(kind):
+  xs, ids, sizes, p, ref = _uneven_groups(kind)
   layout = moe._block_layout(jnp.asarray(ids), jnp.asarray(sizes), 4)
   assert layout[2] == -(-len(ids) // 4) + 4 and list(layout[1][:6]) == [1, 1, 2, 2, 2, 2]
   y = moe._blocked_ffn(jnp.asarray(xs), jnp.asarray(ids), jnp.asarray(sizes), p, kind)
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
   assert moe.block_size(1024, 8) == 64 and moe.block_size(10, 8) == 8
+
+
+@pytest.mark.parametrize('kind', ['swiglu', 'gelu'])
+def test_windows_fall_back_to_blocks_when_a_group_overflows(kind):
+  xs, ids, sizes, p, ref = _uneven_groups(kind)
+  args = (jnp.asarray(xs), jnp.asarray(ids), jnp.asarray(sizes), p, kind)
+  np.testing.assert_allclose(moe._windowed_ffn(*args, 17), ref, rtol=1e-4, atol=1e-4)
+  # A window of 8 truncates the group of 17 by itself; under the cond it is still exact.
+  assert np.abs(moe._windowed_ffn(*args, 8) - ref).max() > 1e-2
+  target = np.random.default_rng(1).standard_normal(xs.shape).astype(np.float32)
+  grads = []
+  for window in (17, 8, len(ids)):  # windows, fallback to blocks, no cond at all
+    f = lambda xs, p, w=window: moe._windows_or_blocks_ffn(xs, args[1], args[2], p, kind, w)
+    np.testing.assert_allclose(jax.jit(f)(xs, p), ref, rtol=1e-4, atol=1e-4, err_msg=window)
+    grads.append(jax.grad(lambda xs, p: jnp.sum(f(xs, p) * target), argnums=(0, 1))(xs, p))
+  ref_grads = jax.grad(lambda xs, p: jnp.sum(
+      moe._blocked_ffn(xs, args[1], args[2], p, kind) * target), argnums=(0, 1))(xs, p)
+  for g in grads:
+    for a, b_ in zip(jax.tree.leaves(g), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-4)
+  assert moe.window_rows(1024, 8, 1.5) == 192 and moe.window_rows(20, 8, 1.5) == 8
+  assert moe.window_rows(16, 2, 1.5) == 16  # a window of all rows: no cond needed
 
 
 def test_capacity_drops_the_lowest_priority_assignments():
@@ -319,7 +353,7 @@ def test_expert_parallel_equals_single_device():
     assert 'all-to-all' in hlo, dispatch
 
 
-@pytest.mark.parametrize('grouped', ['blocks', 'ragged_dot'])
+@pytest.mark.parametrize('grouped', ['windows', 'blocks', 'ragged_dot'])
 def test_dropless_expert_parallel_with_fsdp_and_ragged_token_count(grouped):
   """fsdp=2 x expert=4: expert weights are also split over 'fsdp' (gathered inside
   shard_map); 6 tokens do not divide the 8 token shards (zero-padded)."""

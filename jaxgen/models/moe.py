@@ -18,6 +18,10 @@ without it sow is a silent no-op and the balance loss is lost):
                           (before any capacity drop; sums to 1).
   'moe_dropped_fraction'  scalar, share of the T*K assignments dropped by the capacity
                           limit (always 0 for 'dropless' and 'dense').
+  'moe_window_overflow'   1.0 when some expert got more assignments than its window, so
+                          'dropless' with grouped_matmul 'windows' ran the blocked fallback
+                          (only for that combination; under expert parallelism the windows are
+                          per device and this global criterion is approximate).
   'moe_topk_indices'      [B, L, K] int32 expert ids, only when `record_routing=True`.
 Like every `sow`, each value is stored as a 1-tuple under the module's path, e.g.
 intermediates['block3']['moe']['moe_aux_loss'] == (aux,). `aux_loss(intermediates)` sums
@@ -37,10 +41,16 @@ Dispatch implementations (identical functions when nothing is dropped):
               contribution is zero; the shared MLP still sees the token).
   'dropless'  sort-based: the T*K assignments are sorted by expert id, gathered, and the
               experts run as a grouped matmul over the group sizes; unsorted, weighted and
-              summed over K. Never drops. grouped_matmul 'blocks' (default) pads each group to
-              whole blocks of one expert and runs one batched matmul over the blocks with
-              per-block gathered weights; 'ragged_dot' calls `jax.lax.ragged_dot`, for
-              backends with a grouped-GEMM kernel. Expert parallelism (a mesh is active, the
+              summed over K. Never drops. grouped_matmul:
+                'windows' (default): each expert's rows go into its own window of
+                  window_factor x the mean group size, and the experts run as one batched
+                  matmul with their own weights, as cheap as capacity dispatch; on a step
+                  where some expert has more rows than its window (moe_max_load, logged, above
+                  window_factor) a lax.cond runs 'blocks' instead, so nothing is dropped.
+                'blocks': each group padded to whole blocks of one expert, one batched matmul
+                  over the blocks with per-block gathered weights (the gathers cost memory).
+                'ragged_dot': `jax.lax.ragged_dot`, for backends with a grouped-GEMM kernel.
+              Expert parallelism (a mesh is active, the
               'expert' rule maps to mesh axes of total size n > 1 and n divides E): routing and the
               balance loss are computed on the global arrays; the expert computation runs in
               `jax.shard_map` where each device holds E/n experts (in_specs
@@ -50,17 +60,18 @@ Dispatch implementations (identical functions when nothing is dropped):
               Each device packs its a = T_local*K assignments by destination device into a
               fixed [n, a, D] send buffer, exchanges it with `jax.lax.all_to_all` over the
               expert axes, sorts what it received by local expert id (padding rows get the
-              sentinel id E/n, sort last and lie beyond the group sizes, so ragged_dot
-              leaves them zero), runs ragged_dot, and a second all_to_all brings results back
+              sentinel id E/n, sort last and lie beyond the group sizes, so the grouped
+              matmul leaves them zero), runs the grouped matmul, and a second all_to_all brings results back
               to the source, which un-permutes and combines them.
               Memory cost: the send and receive buffers are n x the local assignments
               (n * T_local * K * D per buffer, per device) because each destination slot must
               hold the worst case (all local assignments going to one device) to stay
-              dropless with a fixed-shape all_to_all; ragged_dot then also runs over n*a rows.
+              dropless with a fixed-shape all_to_all; 'ragged_dot' and 'blocks' then
+              also run over n*a rows ('windows' over window_factor * a rows).
               `jax.lax.ragged_all_to_all` would avoid the padding but is UNIMPLEMENTED on
               XLA:CPU (jax 0.10.2: "HLO opcode ragged-all-to-all is not supported"), so it
               is not used. On XLA:CPU `ragged_dot` itself is expanded into a masked dense dot
-              over all local experts (E/n x the useful FLOPs), hence the 'blocks' default.
+              over all local experts (E/n x the useful FLOPs), hence the other two.
 Routing uses `top_k` below (k rounds of argmax) instead of `jax.lax.top_k`: the SPMD
 partitioner all-gathers the [T, E] operand of TopK, but keeps argmax token-sharded.
 """
@@ -78,7 +89,7 @@ from jaxgen.models import layers
 Dtype = Any
 
 SOW_NAMES = ('moe_aux_loss', 'moe_router_entropy', 'moe_expert_load', 'moe_dropped_fraction',
-             'moe_topk_indices')
+             'moe_window_overflow', 'moe_topk_indices')
 DISPATCHES = ('dropless', 'capacity', 'dense')
 KINDS = ('swiglu', 'gelu')
 
@@ -159,7 +170,52 @@ def _blocked_ffn(xs, ids, group_sizes, p, kind):
   return jnp.take(yb, dest, axis=0, mode='fill', fill_value=0)
 
 
-GROUPED_MATMULS = {'blocks': _blocked_ffn, 'ragged_dot': _ragged_ffn}
+def window_rows(rows, num_experts, factor):
+  """Rows of each expert's window: `factor` x the mean group size, rounded up to a multiple
+  of 8 and at most `rows` (a window that large always fits)."""
+  return min(-(-math.ceil(factor * rows / num_experts) // 8) * 8, rows)
+
+
+def _windowed_ffn(xs, ids, group_sizes, p, kind, window):
+  """Same contract as _ragged_ffn when every group has at most `window` rows: each expert's
+  rows are copied into its own window [E, window, D] and all experts run as one batched
+  matmul with their own weights (no weight gather, as capacity dispatch), then the rows are
+  gathered back into sorted order."""
+  n, e = xs.shape[0], group_sizes.shape[0]
+  start = jnp.cumsum(group_sizes) - group_sizes
+  slot = jnp.arange(window)
+  src = jnp.minimum(start[:, None] + slot[None], n - 1)
+  filled = slot[None] < group_sizes[:, None]
+  xw = jnp.where(filled[..., None], jnp.take(xs, src, axis=0), 0)
+  yw = _batched_ffn(xw, p, kind)  # [E, window, D]
+  expert = jnp.minimum(ids, e - 1)
+  row = jnp.minimum(jnp.arange(n) - start[expert], window - 1)
+  return jnp.where((ids < e)[:, None], yw[expert, row], 0)
+
+
+def _windows_or_blocks_ffn(xs, ids, group_sizes, p, kind, window):
+  """_windowed_ffn when every group fits its window (balanced routing, the common case),
+  else the blocked grouped matmul: still dropless, chosen at run time by lax.cond. The
+  fallback is rematerialised (jax.checkpoint) so that its residuals (the per-block weight
+  gathers) are not kept, and zero-filled, on the steps that do not take it."""
+  if window >= xs.shape[0]:
+    return _windowed_ffn(xs, ids, group_sizes, p, kind, window)
+  blocks = jax.checkpoint(lambda xs, p: _blocked_ffn(xs, ids, group_sizes, p, kind))
+  windows = lambda xs, p: _windowed_ffn(xs, ids, group_sizes, p, kind, window)
+  return jax.lax.cond(jnp.all(group_sizes <= window), windows, blocks, xs, p)
+
+
+GROUPED_MATMULS = ('windows', 'blocks', 'ragged_dot')
+
+
+def grouped_ffn(grouped, xs, ids, group_sizes, p, kind, rows, window_factor):
+  """The grouped matmul `grouped` over rows sorted by expert id; `rows` is the expected
+  number of real rows (xs may hold padding rows with sentinel ids)."""
+  if grouped == 'windows':
+    window = window_rows(rows, group_sizes.shape[0], window_factor)
+    return _windows_or_blocks_ffn(xs, ids, group_sizes, p, kind, window)
+  ffn = _blocked_ffn if grouped == 'blocks' else _ragged_ffn
+  return ffn(xs, ids, group_sizes, p, kind)
 
 
 # ----------------------------------------------------------------------------- routing
@@ -217,7 +273,7 @@ def capacity_dispatch(x, idx, w, p, kind, num_experts, capacity, expert_spec=Non
   return y, jnp.sum(~kept)
 
 
-def dropless_dispatch(x, idx, w, p, kind, num_experts, grouped='blocks'):
+def dropless_dispatch(x, idx, w, p, kind, num_experts, grouped='windows', window_factor=1.5):
   """x [T, D], idx/w [T, K] -> [T, D]: sort by expert, grouped matmul, unsort (one device)."""
   t, k = idx.shape
   e_flat = idx.reshape(-1)
@@ -225,12 +281,12 @@ def dropless_dispatch(x, idx, w, p, kind, num_experts, grouped='blocks'):
   ids = e_flat[order]
   xs = jnp.take(x, order // k, axis=0)
   group_sizes = jnp.zeros(num_experts, jnp.int32).at[ids].add(1)
-  ys = GROUPED_MATMULS[grouped](xs, ids, group_sizes, p, kind)
+  ys = grouped_ffn(grouped, xs, ids, group_sizes, p, kind, t * k, window_factor)
   y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(t, k, -1)
   return jnp.einsum('tkd,tk->td', y, w.astype(y.dtype))
 
 
-def _dropless_ep_local(x, idx, w, p, *, kind, num_experts, axis, n, grouped):
+def _dropless_ep_local(x, idx, w, p, *, kind, num_experts, axis, n, grouped, window_factor):
   """Per-device body of the expert-parallel dropless path (inside shard_map).
 
   x [t, D], idx/w [t, K] are this device's tokens; p holds its E/n experts."""
@@ -257,8 +313,9 @@ def _dropless_ep_local(x, idx, w, p, *, kind, num_experts, axis, n, grouped):
   r_order = jnp.argsort(recv_id, stable=True)
   r_ids = recv_id[r_order]
   group_sizes = jnp.zeros(e_local, jnp.int32).at[r_ids].add(1, mode='drop')
-  ys = GROUPED_MATMULS[grouped](jnp.take(recv_x, r_order, axis=0), r_ids, group_sizes, p,
-                                kind)
+  # On average a device receives as many real rows as it sent (a): the windows' scale.
+  ys = grouped_ffn(grouped, jnp.take(recv_x, r_order, axis=0), r_ids, group_sizes, p, kind,
+                   a, window_factor)
   r_real = (r_ids < e_local)[:, None]
   ys = jnp.where(r_real, ys, 0)
   back = jnp.take(ys, jnp.argsort(r_order), axis=0).reshape(n, a, d)
@@ -309,7 +366,7 @@ def _mesh_size(mesh, axes):
 
 
 def dropless_expert_parallel(x, idx, w, p, kind, num_experts, mesh, expert_axes, token_axes,
-                             grouped='blocks'):
+                             grouped='windows', window_factor=1.5):
   """x [T, D], idx/w [T, K] (global) -> [T, D] with experts sharded over `expert_axes`."""
   t = x.shape[0]
   n_tok = _mesh_size(mesh, token_axes)
@@ -323,7 +380,7 @@ def dropless_expert_parallel(x, idx, w, p, kind, num_experts, mesh, expert_axes,
   p_specs = jax.tree.map(lambda v: P(ex, *([None] * (v.ndim - 1))), p)
   body = lambda x, i, w, p: _dropless_ep_local(
       x, i, w, p, kind=kind, num_experts=num_experts, axis=ex,
-      n=_mesh_size(mesh, expert_axes), grouped=grouped)
+      n=_mesh_size(mesh, expert_axes), grouped=grouped, window_factor=window_factor)
   y = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, p_specs),
                     out_specs=tok_spec)(x, idx, w, p)
   return y[:t]
@@ -339,8 +396,8 @@ class MoE(nn.Module):
   (gate/up/down, no bias, as the DiT-MoE code) or 'gelu' (2-layer GELU(tanh) MLP with
   biases, the paper's Eq.); num_shared (shared experts as ONE MLP of hidden num_shared*D,
   same kind; 0 -> none); renormalize (top-k weights renormalised to sum 1); dispatch
-  'dropless' | 'capacity' | 'dense'; grouped_matmul for dropless, 'blocks' | 'ragged_dot';
-  capacity_factor; balance_coef alpha;
+  'dropless' | 'capacity' | 'dense'; grouped_matmul for dropless, 'windows' | 'blocks' |
+  'ragged_dot'; window_factor (of 'windows'); capacity_factor; balance_coef alpha;
   record_routing (sow the top-k ids); dtype (compute dtype; router is float32).
 
   Params: router/kernel [D, E] ('embed', None); wi_gate, wi_up [E, D, H]
@@ -354,7 +411,8 @@ class MoE(nn.Module):
   num_shared: int = 2
   renormalize: bool = False
   dispatch: str = 'dropless'
-  grouped_matmul: str = 'blocks'
+  grouped_matmul: str = 'windows'
+  window_factor: float = 1.5
   capacity_factor: float = 1.25
   balance_coef: float = 0.005
   record_routing: bool = False
@@ -380,7 +438,7 @@ class MoE(nn.Module):
       raise ValueError(f'unknown MoE dispatch {self.dispatch!r}: use one of {DISPATCHES}')
     if self.grouped_matmul not in GROUPED_MATMULS:
       raise ValueError(f'unknown grouped_matmul {self.grouped_matmul!r}: use one of '
-                       f'{tuple(GROUPED_MATMULS)}')
+                       f'{GROUPED_MATMULS}')
     if self.expert_kind not in KINDS:
       raise ValueError(f'unknown expert kind {self.expert_kind!r}: use one of {KINDS}')
     e, k = self.num_experts, self.top_k
@@ -411,11 +469,17 @@ class MoE(nn.Module):
     if self.dispatch == 'dense':
       y = dense_dispatch(xt, top_i, weights, p, self.expert_kind, e)
     elif self.dispatch == 'dropless':
+      if self.grouped_matmul == 'windows':
+        window = window_rows(t * k, e, self.window_factor)
+        self.sow('intermediates', 'moe_window_overflow',
+                 jnp.any(counts > window).astype(jnp.float32))
       if expert_axes:
         y = dropless_expert_parallel(xt, top_i, weights, p, self.expert_kind, e, mesh,
-                                     expert_axes, token_axes, self.grouped_matmul)
+                                     expert_axes, token_axes, self.grouped_matmul,
+                                     self.window_factor)
       else:
-        y = dropless_dispatch(xt, top_i, weights, p, self.expert_kind, e, self.grouped_matmul)
+        y = dropless_dispatch(xt, top_i, weights, p, self.expert_kind, e, self.grouped_matmul,
+                              self.window_factor)
     else:
       capacity = min(l, math.ceil(self.capacity_factor * l * k / e))
       spec = None
@@ -470,15 +534,17 @@ def aux_loss(intermediates):
 
 def routing_metrics(intermediates):
   """Layer-averaged scalar metrics: moe_aux_loss (sum), moe_router_entropy,
-  moe_dropped_fraction, moe_max_load (max expert share x E; 1 = perfectly balanced) and
+  moe_dropped_fraction, moe_window_overflow (share of the MoE layers that ran the blocked
+  fallback; dropless 'windows' only), moe_max_load (max expert share x E; 1 = balanced) and
   moe_load/expertNN (each expert's share of the assignments)."""
   out = {}
   if not _collect(intermediates, 'moe_aux_loss'):
     return out
   out['moe_aux_loss'] = aux_loss(intermediates)
-  for name in ('moe_router_entropy', 'moe_dropped_fraction'):
+  for name in ('moe_router_entropy', 'moe_dropped_fraction', 'moe_window_overflow'):
     vals = _collect(intermediates, name)
-    out[name] = sum(vals) / len(vals)
+    if vals:
+      out[name] = sum(vals) / len(vals)
   loads = _collect(intermediates, 'moe_expert_load')
   out['moe_max_load'] = sum(jnp.max(v) * v.shape[-1] for v in loads) / len(loads)
   if len({v.shape for v in loads}) == 1:  # per-expert share, averaged over layers
