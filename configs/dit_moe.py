@@ -25,7 +25,7 @@ def get_config(arg='demo'):
     c.model.moe = dit_config.moe(4, num_shared=1)
   elif variant == 'demo':
     dit_config.demo(c)
-    # Sized for ~17 minutes on 2 CPU cores: experts of hidden 2D (mlp_ratio), one shared
+    # Sized for ~10 minutes on 2 CPU cores: experts of hidden 2D (mlp_ratio), one shared
     # expert, batch 32. Dropless, as the reference: once the balance loss has evened the
     # loads (~140 steps) every expert's tokens fit its window and a step is as fast as
     # capacity dispatch, which would drop ~10% of the assignments here.

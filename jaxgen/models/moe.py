@@ -50,9 +50,9 @@ Dispatch implementations (identical functions when nothing is dropped):
                 'blocks': each group padded to whole blocks of one expert, one batched matmul
                   over the blocks with per-block gathered weights (the gathers cost memory).
                 'ragged_dot': `jax.lax.ragged_dot`, for backends with a grouped-GEMM kernel.
-              Expert parallelism (a mesh is active, the
-              'expert' rule maps to mesh axes of total size n > 1 and n divides E): routing and the
-              balance loss are computed on the global arrays; the expert computation runs in
+              Expert parallelism (a mesh is active, the 'expert' rule maps to mesh axes of
+              total size n > 1 and n divides E): routing and the balance loss are computed
+              on the global arrays; the expert computation runs in
               `jax.shard_map` where each device holds E/n experts (in_specs
               P('expert', None, None): 'fsdp'/'tensor' shards of the expert weights are
               all-gathered on entry) and its local tokens (tokens are split over the batch
@@ -61,8 +61,8 @@ Dispatch implementations (identical functions when nothing is dropped):
               fixed [n, a, D] send buffer, exchanges it with `jax.lax.all_to_all` over the
               expert axes, sorts what it received by local expert id (padding rows get the
               sentinel id E/n, sort last and lie beyond the group sizes, so the grouped
-              matmul leaves them zero), runs the grouped matmul, and a second all_to_all brings results back
-              to the source, which un-permutes and combines them.
+              matmul leaves them zero), runs the grouped matmul, and a second all_to_all
+              brings results back to the source, which un-permutes and combines them.
               Memory cost: the send and receive buffers are n x the local assignments
               (n * T_local * K * D per buffer, per device) because each destination slot must
               hold the worst case (all local assignments going to one device) to stay
