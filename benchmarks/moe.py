@@ -1,6 +1,7 @@
 r"""DiT-MoE dispatch benchmark: dropless vs capacity vs dense-all-experts, and a FLOP-matched dense DiT.
 
-  python benchmarks/moe.py                         # S width (384), 8E2A, small batch on CPU
+  python benchmarks/moe.py                         # S width (384), 8E2A, batch 16 on CPU
+  python benchmarks/moe.py --batch 8               # smaller: the optimizer's share grows
   python benchmarks/moe.py --depth 12 --batch 64   # the full S depth, on a GPU
 
 The MoE model is S-width (384, 6 heads) with 8 routed SwiGLU experts (top-2, hidden 4D) and
@@ -19,7 +20,8 @@ Reported: step time of each, MoE / FLOP-matched dense ratios, dense-all-experts 
 The same ratios for one layer alone (forward + backward of the MoE layer against the SwiGLU MLP
 of hidden 10 D on the same tokens) separate the dispatch cost from what a whole step adds per
 parameter: AdamW and the EMA read and write all 8 experts' weights every step, the MoE has
-2.7x the dense model's parameters, and on a CPU that memory traffic is not hidden.
+2.7x the dense model's parameters, and on a CPU that memory traffic is not hidden: at batch 8
+(512 tokens) on 2 cores AdamW costs the MoE step 63 ms more than SGD, the dense step 12-30 ms.
 """
 import os
 import sys
@@ -42,7 +44,7 @@ COLUMNS = (('config', 'config'), ('batch', 'batch'), ('params', 'params'),
 
 def parse_args(argv=None):
   p = common.arg_parser(__doc__, 'moe')
-  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--batch', type=int, default=16)
   p.add_argument('--depth', type=int, default=2, help='blocks (S has 12; 2 keeps CPU runs short)')
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=1)
