@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxgen import sharding, train_state
-from jaxgen.models import moe
+from jaxgen.models import experts, moe
 
 B, L, D, H = 4, 8, 16, 32
 
@@ -129,7 +129,7 @@ def test_every_dispatch_matches_numpy_when_nothing_is_dropped(kind, renormalize)
       np.testing.assert_allclose(sown[name], stats[name], rtol=1e-5, err_msg=name)
     if (dispatch, grouped) == ('dropless', 'windows'):
       counts = stats['moe_expert_load'] * B * L * k
-      overflow = np.any(counts > moe.window_rows(B * L * k, e, base.window_factor))
+      overflow = np.any(counts > experts.window_rows(B * L * k, e, base.window_factor))
       assert float(sown['moe_window_overflow']) == float(overflow)
     else:
       assert 'moe_window_overflow' not in sown
@@ -162,33 +162,33 @@ def _uneven_groups(kind):
 @pytest.mark.parametrize('kind', ['swiglu', 'gelu'])
 def test_blocked_grouped_matmul_matches_numpy_on_uneven_groups(kind):
   xs, ids, sizes, p, ref = _uneven_groups(kind)
-  layout = moe._block_layout(jnp.asarray(ids), jnp.asarray(sizes), 4)
+  layout = experts.block_layout(jnp.asarray(ids), jnp.asarray(sizes), 4)
   assert layout[2] == -(-len(ids) // 4) + 4 and list(layout[1][:6]) == [1, 1, 2, 2, 2, 2]
-  y = moe._blocked_ffn(jnp.asarray(xs), jnp.asarray(ids), jnp.asarray(sizes), p, kind)
+  y = experts.blocked_ffn(jnp.asarray(xs), jnp.asarray(ids), jnp.asarray(sizes), p, kind)
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
-  assert moe.block_size(1024, 8) == 64 and moe.block_size(10, 8) == 8
+  assert experts.block_size(1024, 8) == 64 and experts.block_size(10, 8) == 8
 
 
 @pytest.mark.parametrize('kind', ['swiglu', 'gelu'])
 def test_windows_fall_back_to_blocks_when_a_group_overflows(kind):
   xs, ids, sizes, p, ref = _uneven_groups(kind)
   args = (jnp.asarray(xs), jnp.asarray(ids), jnp.asarray(sizes), p, kind)
-  np.testing.assert_allclose(moe._windowed_ffn(*args, 17), ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(experts.windowed_ffn(*args, 17), ref, rtol=1e-4, atol=1e-4)
   # A window of 8 truncates the group of 17 by itself; under the cond it is still exact.
-  assert np.abs(moe._windowed_ffn(*args, 8) - ref).max() > 1e-2
+  assert np.abs(experts.windowed_ffn(*args, 8) - ref).max() > 1e-2
   target = np.random.default_rng(1).standard_normal(xs.shape).astype(np.float32)
   grads = []
   for window in (17, 8, len(ids)):  # windows, fallback to blocks, no cond at all
-    f = lambda xs, p, w=window: moe._windows_or_blocks_ffn(xs, args[1], args[2], p, kind, w)
+    f = lambda xs, p, w=window: experts.windows_or_blocks_ffn(xs, args[1], args[2], p, kind, w)
     np.testing.assert_allclose(jax.jit(f)(xs, p), ref, rtol=1e-4, atol=1e-4, err_msg=window)
     grads.append(jax.grad(lambda xs, p: jnp.sum(f(xs, p) * target), argnums=(0, 1))(xs, p))
   ref_grads = jax.grad(lambda xs, p: jnp.sum(
-      moe._blocked_ffn(xs, args[1], args[2], p, kind) * target), argnums=(0, 1))(xs, p)
+      experts.blocked_ffn(xs, args[1], args[2], p, kind) * target), argnums=(0, 1))(xs, p)
   for g in grads:
     for a, b_ in zip(jax.tree.leaves(g), jax.tree.leaves(ref_grads)):
       np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-4)
-  assert moe.window_rows(1024, 8, 1.5) == 192 and moe.window_rows(20, 8, 1.5) == 8
-  assert moe.window_rows(16, 2, 1.5) == 16  # a window of all rows: no cond needed
+  assert experts.window_rows(1024, 8, 1.5) == 192 and experts.window_rows(20, 8, 1.5) == 8
+  assert experts.window_rows(16, 2, 1.5) == 16  # a window of all rows: no cond needed
 
 
 def test_capacity_drops_the_lowest_priority_assignments():

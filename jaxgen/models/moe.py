@@ -41,15 +41,10 @@ Dispatch implementations (identical functions when nothing is dropped):
               contribution is zero; the shared MLP still sees the token).
   'dropless'  sort-based: the T*K assignments are sorted by expert id, gathered, and the
               experts run as a grouped matmul over the group sizes; unsorted, weighted and
-              summed over K. Never drops. grouped_matmul:
-                'windows' (default): each expert's rows go into its own window of
-                  window_factor x the mean group size, and the experts run as one batched
-                  matmul with their own weights, as cheap as capacity dispatch; on a step
-                  where some expert has more rows than its window (moe_max_load, logged, above
-                  window_factor) a lax.cond runs 'blocks' instead, so nothing is dropped.
-                'blocks': each group padded to whole blocks of one expert, one batched matmul
-                  over the blocks with per-block gathered weights (the gathers cost memory).
-                'ragged_dot': `jax.lax.ragged_dot`, for backends with a grouped-GEMM kernel.
+              summed over K. Never drops. The grouped matmul (grouped_matmul 'windows', the
+              default, 'blocks' or 'ragged_dot') is in experts.py: 'windows' gives each expert
+              a window of window_factor x the mean group size and runs 'blocks' instead on a
+              step where an expert overflows it (moe_max_load above window_factor).
               Expert parallelism (a mesh is active, the 'expert' rule maps to mesh axes of
               total size n > 1 and n divides E): routing and the balance loss are computed
               on the global arrays; the expert computation runs in
@@ -84,7 +79,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxgen import sharding as jsharding
-from jaxgen.models import layers
+from jaxgen.models import experts, layers
 
 Dtype = Any
 
@@ -92,130 +87,6 @@ SOW_NAMES = ('moe_aux_loss', 'moe_router_entropy', 'moe_expert_load', 'moe_dropp
              'moe_window_overflow', 'moe_topk_indices')
 DISPATCHES = ('dropless', 'capacity', 'dense')
 KINDS = ('swiglu', 'gelu')
-
-
-# ----------------------------------------------------------------------------- experts
-
-
-def _expert_ffn(x, p, kind, mm, bias):
-  """One expert MLP with stacked weights; `mm(x, w[E, a, b])` and `bias(b[E, f])` pick the
-  expert per row (batched einsum or ragged_dot)."""
-  if kind == 'swiglu':
-    h = nn.silu(mm(x, p['wi_gate'])) * mm(x, p['wi_up'])
-    return mm(h, p['wo'])
-  h = nn.gelu(mm(x, p['wi']) + bias(p['bi']), approximate=True)
-  return mm(h, p['wo']) + bias(p['bo'])
-
-
-def _batched_ffn(xe, p, kind):
-  """xe: [E, ..., D] -> [E, ..., D], expert e applied to xe[e]."""
-  def mm(x, w):
-    return jnp.einsum('e...a,eab->e...b', x, w)
-
-  def bias(b):
-    return b.reshape(b.shape[:1] + (1,) * (xe.ndim - 2) + b.shape[1:])
-  return _expert_ffn(xe, p, kind, mm, bias)
-
-
-def _ragged_ffn(xs, ids, group_sizes, p, kind):
-  """xs: [N, D] rows sorted by expert id `ids` [N] with `group_sizes` [E_local]."""
-  def mm(x, w):
-    return jax.lax.ragged_dot(x, w, group_sizes)
-
-  def bias(b):
-    return jnp.take(b, ids, axis=0, mode='clip')
-  return _expert_ffn(xs, p, kind, mm, bias)
-
-
-def block_size(rows, num_experts):
-  """Rows per block of the blocked grouped matmul: a power of two near rows / (2 E), in
-  [8, 512]. Each block gathers its expert's weights, so fewer, larger blocks move less memory;
-  the padding (< one block per expert, about a quarter of the rows on average) bounds them.
-  Measured on 2 CPU cores (S width, 8E2A): 64 rows best at 1024 assignments, 128-256 at 4096."""
-  target = max(rows // (2 * num_experts), 8)
-  return min(1 << (target.bit_length() - 1), 512)
-
-
-def _block_layout(ids, group_sizes, block):
-  """Rows sorted by expert id (ids >= E mark padding rows) -> (destination of each row in a
-  buffer of nb * block rows where every expert's group is padded to whole blocks, the expert
-  of each block [nb], nb). Padding rows get destination nb * block (out of range)."""
-  n, e = ids.shape[0], group_sizes.shape[0]
-  nb = -(-n // block) + e  # sum_e ceil(g_e / block) <= ceil(n / block) + E
-  padded = (group_sizes + block - 1) // block * block
-  padded_end = jnp.cumsum(padded)
-  group_start = jnp.cumsum(group_sizes) - group_sizes
-  expert = jnp.minimum(ids, e - 1)
-  dest = padded_end[expert] - padded[expert] + jnp.arange(n) - group_start[expert]
-  dest = jnp.where(ids < e, dest, nb * block)
-  block_expert = jnp.searchsorted(padded_end, jnp.arange(nb) * block, side='right')
-  return dest, jnp.minimum(block_expert, e - 1), nb
-
-
-def _blocked_ffn(xs, ids, group_sizes, p, kind):
-  """Same contract as _ragged_ffn, as a batched matmul over blocks of one expert each: rows
-  are scattered into per-expert groups padded to whole blocks, each block is multiplied by
-  its expert's (gathered) weights, and the rows gathered back. XLA:CPU expands ragged_dot
-  into a dense dot over all experts; this does the routed FLOPs plus < one block per expert."""
-  block = block_size(xs.shape[0], group_sizes.shape[0])
-  dest, block_expert, nb = _block_layout(ids, group_sizes, block)
-  xb = jnp.zeros((nb * block, xs.shape[-1]), xs.dtype).at[dest].set(xs, mode='drop')
-
-  def mm(x, w):
-    return jnp.einsum('nbi,nio->nbo', x, jnp.take(w, block_expert, axis=0))
-
-  def bias(b):
-    return jnp.take(b, block_expert, axis=0)[:, None, :]
-  yb = _expert_ffn(xb.reshape(nb, block, -1), p, kind, mm, bias).reshape(nb * block, -1)
-  return jnp.take(yb, dest, axis=0, mode='fill', fill_value=0)
-
-
-def window_rows(rows, num_experts, factor):
-  """Rows of each expert's window: `factor` x the mean group size, rounded up to a multiple
-  of 8 and at most `rows` (a window that large always fits)."""
-  return min(-(-math.ceil(factor * rows / num_experts) // 8) * 8, rows)
-
-
-def _windowed_ffn(xs, ids, group_sizes, p, kind, window):
-  """Same contract as _ragged_ffn when every group has at most `window` rows: each expert's
-  rows are copied into its own window [E, window, D] and all experts run as one batched
-  matmul with their own weights (no weight gather, as capacity dispatch), then the rows are
-  gathered back into sorted order."""
-  n, e = xs.shape[0], group_sizes.shape[0]
-  start = jnp.cumsum(group_sizes) - group_sizes
-  slot = jnp.arange(window)
-  src = jnp.minimum(start[:, None] + slot[None], n - 1)
-  filled = slot[None] < group_sizes[:, None]
-  xw = jnp.where(filled[..., None], jnp.take(xs, src, axis=0), 0)
-  yw = _batched_ffn(xw, p, kind)  # [E, window, D]
-  expert = jnp.minimum(ids, e - 1)
-  row = jnp.minimum(jnp.arange(n) - start[expert], window - 1)
-  return jnp.where((ids < e)[:, None], yw[expert, row], 0)
-
-
-def _windows_or_blocks_ffn(xs, ids, group_sizes, p, kind, window):
-  """_windowed_ffn when every group fits its window (balanced routing, the common case),
-  else the blocked grouped matmul: still dropless, chosen at run time by lax.cond. The
-  fallback is rematerialised (jax.checkpoint) so that its residuals (the per-block weight
-  gathers) are not kept, and zero-filled, on the steps that do not take it."""
-  if window >= xs.shape[0]:
-    return _windowed_ffn(xs, ids, group_sizes, p, kind, window)
-  blocks = jax.checkpoint(lambda xs, p: _blocked_ffn(xs, ids, group_sizes, p, kind))
-  windows = lambda xs, p: _windowed_ffn(xs, ids, group_sizes, p, kind, window)
-  return jax.lax.cond(jnp.all(group_sizes <= window), windows, blocks, xs, p)
-
-
-GROUPED_MATMULS = ('windows', 'blocks', 'ragged_dot')
-
-
-def grouped_ffn(grouped, xs, ids, group_sizes, p, kind, rows, window_factor):
-  """The grouped matmul `grouped` over rows sorted by expert id; `rows` is the expected
-  number of real rows (xs may hold padding rows with sentinel ids)."""
-  if grouped == 'windows':
-    window = window_rows(rows, group_sizes.shape[0], window_factor)
-    return _windows_or_blocks_ffn(xs, ids, group_sizes, p, kind, window)
-  ffn = _blocked_ffn if grouped == 'blocks' else _ragged_ffn
-  return ffn(xs, ids, group_sizes, p, kind)
 
 
 # ----------------------------------------------------------------------------- routing
@@ -242,7 +113,7 @@ def dense_dispatch(x, idx, w, p, kind, num_experts):
   """x [T, D], idx/w [T, K] -> [T, D]: all experts on all tokens, masked combine."""
   t, d = x.shape
   combine = jnp.einsum('tke,tk->te', jax.nn.one_hot(idx, num_experts, dtype=w.dtype), w)
-  ye = _batched_ffn(jnp.broadcast_to(x, (num_experts, t, d)), p, kind)  # [E, T, D]
+  ye = experts.batched_ffn(jnp.broadcast_to(x, (num_experts, t, d)), p, kind)  # [E, T, D]
   return jnp.einsum('etd,te->td', ye, combine.astype(ye.dtype))
 
 
@@ -268,7 +139,7 @@ def capacity_dispatch(x, idx, w, p, kind, num_experts, capacity, expert_spec=Non
   constrain = (lambda a: a) if expert_spec is None else (
       lambda a: jax.lax.with_sharding_constraint(a, expert_spec))
   xe = constrain(jnp.einsum('gsec,gsd->egcd', dispatch, x))  # all-to-all under EP
-  ye = constrain(_batched_ffn(xe, p, kind))
+  ye = constrain(experts.batched_ffn(xe, p, kind))
   y = jnp.einsum('egcd,gsec->gsd', ye, combine.astype(ye.dtype))  # all-to-all back
   return y, jnp.sum(~kept)
 
@@ -281,7 +152,7 @@ def dropless_dispatch(x, idx, w, p, kind, num_experts, grouped='windows', window
   ids = e_flat[order]
   xs = jnp.take(x, order // k, axis=0)
   group_sizes = jnp.zeros(num_experts, jnp.int32).at[ids].add(1)
-  ys = grouped_ffn(grouped, xs, ids, group_sizes, p, kind, t * k, window_factor)
+  ys = experts.grouped_ffn(grouped, xs, ids, group_sizes, p, kind, t * k, window_factor)
   y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(t, k, -1)
   return jnp.einsum('tkd,tk->td', y, w.astype(y.dtype))
 
@@ -314,7 +185,7 @@ def _dropless_ep_local(x, idx, w, p, *, kind, num_experts, axis, n, grouped, win
   r_ids = recv_id[r_order]
   group_sizes = jnp.zeros(e_local, jnp.int32).at[r_ids].add(1, mode='drop')
   # On average a device receives as many real rows as it sent (a): the windows' scale.
-  ys = grouped_ffn(grouped, jnp.take(recv_x, r_order, axis=0), r_ids, group_sizes, p, kind,
+  ys = experts.grouped_ffn(grouped, jnp.take(recv_x, r_order, axis=0), r_ids, group_sizes, p, kind,
                    a, window_factor)
   r_real = (r_ids < e_local)[:, None]
   ys = jnp.where(r_real, ys, 0)
@@ -436,9 +307,9 @@ class MoE(nn.Module):
   def __call__(self, x):
     if self.dispatch not in DISPATCHES:
       raise ValueError(f'unknown MoE dispatch {self.dispatch!r}: use one of {DISPATCHES}')
-    if self.grouped_matmul not in GROUPED_MATMULS:
+    if self.grouped_matmul not in experts.GROUPED_MATMULS:
       raise ValueError(f'unknown grouped_matmul {self.grouped_matmul!r}: use one of '
-                       f'{GROUPED_MATMULS}')
+                       f'{experts.GROUPED_MATMULS}')
     if self.expert_kind not in KINDS:
       raise ValueError(f'unknown expert kind {self.expert_kind!r}: use one of {KINDS}')
     e, k = self.num_experts, self.top_k
@@ -470,7 +341,7 @@ class MoE(nn.Module):
       y = dense_dispatch(xt, top_i, weights, p, self.expert_kind, e)
     elif self.dispatch == 'dropless':
       if self.grouped_matmul == 'windows':
-        window = window_rows(t * k, e, self.window_factor)
+        window = experts.window_rows(t * k, e, self.window_factor)
         self.sow('intermediates', 'moe_window_overflow',
                  jnp.any(counts > window).astype(jnp.float32))
       if expert_axes:
