@@ -5,7 +5,9 @@ Grouped matmuls (`GROUPED_MATMULS`, chosen by `grouped_ffn`):
   'windows'     each expert's rows are copied into its own window of `window_rows` rows and all
                 experts run as one batched matmul with their own weights (no weight gather, as
                 capacity dispatch). A window that some group overflows would drop rows, so a
-                lax.cond runs 'blocks' on such a step instead: dropless either way.
+                lax.cond runs 'blocks' on such a step instead: dropless either way. (Measured
+                on CPU only; on a GPU a lax.cond may read its predicate back to the host once
+                per layer and direction.)
   'blocks'      each group padded to whole blocks of one expert; one batched matmul over the
                 blocks with per-block gathered weights (the gathers cost memory traffic).
   'ragged_dot'  `jax.lax.ragged_dot`, for backends with a grouped-GEMM kernel; XLA:CPU expands it
