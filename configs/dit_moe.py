@@ -6,6 +6,8 @@ r"""DiT-MoE: sparse DiT with shared + routed experts and an expert-level balance
 Variants: `tiny`, `demo` (Fashion-MNIST), and the paper's S/2-8E2A, S/2-16E2A,
 B/2-8E2A, L/2-8E2A, XL/2-8E2A, G/2-16E2A (ImageNet-256 latent shape). Append
 `,ddpm` for DDPM. Useful overrides: --config.model.moe.dispatch=dropless|capacity|dense,
+--config.model.moe.grouped_matmul=windows|blocks|ragged_dot (dropless),
+--config.model.moe.window_factor=2.0 (windows of 2x the mean load),
 --config.model.moe.every=2 (MoE in every other block), --config.mesh.expert=4.
 """
 import re

@@ -34,6 +34,8 @@ def _tree_digest(path):
     ([TINY, '--config.no_such_field=1', '--mode=info'], 'unknown config field'),
     ([TINY, '--config.mesh.data=2', '--mode=info'], 'needs 2 devices but 1'),
     ([TINY, '--config.optim.name=sgdx', '--mode=info'], 'unknown optimizer'),
+    (['--config=configs/dit_moe.py:tiny', '--config.model.moe.grouped_matmul=gmm',
+      '--mode=info'], "config.model.moe: unknown grouped_matmul 'gmm'"),
 ])
 def test_bad_config_is_one_line(args, expect):
   assert expect in _one_error_line(run_cli(*args))

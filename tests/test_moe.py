@@ -191,6 +191,16 @@ def test_windows_fall_back_to_blocks_when_a_group_overflows(kind):
   assert experts.window_rows(16, 2, 1.5) == 16  # a window of all rows: no cond needed
 
 
+@pytest.mark.parametrize('field,value,message', [
+    ('dispatch', 'sparse', 'unknown MoE dispatch'), ('grouped_matmul', 'gmm', 'unknown grouped'),
+    ('expert_kind', 'relu', 'unknown expert kind'), ('top_k', 5, 'top_k=5 must be'),
+    ('window_factor', 0.0, 'window_factor=0.0 must be > 0')])
+def test_bad_fields_name_the_problem(field, value, message):
+  m = moe.MoE(num_experts=4, expert_hidden=H).clone(**{field: value})
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((B, L, D)))
+
+
 def test_capacity_drops_the_lowest_priority_assignments():
   e, k = 4, 2
   x = _x(seed=2)

@@ -3,16 +3,22 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import objectives, sampling
+from jaxgen.errors import UserError
 from jaxgen.families.base import FamilyBase
 from jaxgen.models import dit, moe as moe_lib
 
 
 def moe_fields(model_cfg):
-  """The MoE layer's fields from config.model.moe, or None for a dense DiT."""
+  """The MoE layer's fields from config.model.moe (checked), or None for a dense DiT."""
   moe = model_cfg.get('moe')
   if not moe or not moe.num_experts:
     return None
-  return {k: v for k, v in moe.to_dict().items() if k != 'every'}
+  fields = {k: v for k, v in moe.to_dict().items() if k != 'every'}
+  try:
+    moe_lib.MoE(**fields).check()
+  except (TypeError, ValueError) as e:  # TypeError: a field the layer does not have
+    raise UserError(f'config.model.moe: {e}') from None
+  return fields
 
 
 class Family(FamilyBase):

@@ -303,8 +303,9 @@ class MoE(nn.Module):
             'wo': self.param('wo', w_out, (e, h, d)),
             'bo': self.param('bo', layers.logical(zeros, ('expert', 'embed')), (e, d))}
 
-  @nn.compact
-  def __call__(self, x):
+  def check(self):
+    """Raises ValueError naming the first invalid field (the DiT family turns it into a
+    one-line error before anything is built)."""
     if self.dispatch not in DISPATCHES:
       raise ValueError(f'unknown MoE dispatch {self.dispatch!r}: use one of {DISPATCHES}')
     if self.grouped_matmul not in experts.GROUPED_MATMULS:
@@ -312,9 +313,16 @@ class MoE(nn.Module):
                        f'{experts.GROUPED_MATMULS}')
     if self.expert_kind not in KINDS:
       raise ValueError(f'unknown expert kind {self.expert_kind!r}: use one of {KINDS}')
+    if not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(f'top_k={self.top_k} must be in [1, num_experts={self.num_experts}]')
+    if self.window_factor <= 0:
+      raise ValueError(f'window_factor={self.window_factor} must be > 0 (1.5: windows of 1.5x '
+                       'the mean load)')
+
+  @nn.compact
+  def __call__(self, x):
+    self.check()
     e, k = self.num_experts, self.top_k
-    if not 1 <= k <= e:
-      raise ValueError(f'top_k={k} must be in [1, num_experts={e}]')
     b, l, d = x.shape
     t = b * l
     h = self.expert_hidden or 4 * d
