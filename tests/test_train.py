@@ -9,8 +9,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-import pytest
 from PIL import Image
 
 from jaxgen import families, optim, sharding, train_state, trainer
@@ -72,7 +70,7 @@ def test_sharded_step_equals_single_device(tiny_config):
   w = state.params['block0']['mlp']['fc1']['kernel']  # [embed=64, mlp=256]
   assert w.sharding.spec == jax.sharding.PartitionSpec('fsdp', None)
   assert {s.data.shape for s in w.addressable_shards} == {(16, 256)}
-  mu = state.opt_state.mu['block0']['mlp']['fc1']['kernel']  # Adam moments follow
+  mu = state.opt_state[1][0].mu['block0']['mlp']['fc1']['kernel']  # Adam moments follow
   assert mu.sharding.spec == w.sharding.spec
 
 
@@ -138,31 +136,6 @@ def test_ema_warmup_and_schedule():
   sched = optim.make_schedule(ocfg, 110)
   np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(60), sched(110)],
                              [0.0, 0.5, 1.0, 0.55, 0.1], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize('grad_clip', [None, 1.0])
-def test_fused_adamw_equals_the_optax_chain(grad_clip):
-  """optim.adamw against optax.chain(clip_by_global_norm, adamw) over 6 steps of a warm-up +
-  cosine schedule, with weight decay; the clipped case really clips (gradient norm >> 1)."""
-  ocfg = ml_collections.ConfigDict(dict(name='adamw', lr=0.1, b1=0.9, b2=0.99, eps=1e-6,
-                                        weight_decay=0.05, grad_clip=grad_clip,
-                                        schedule='cosine', warmup_steps=2, end_lr_ratio=0.1))
-  tx, sched = optim.make_optimizer(ocfg, 6)
-  ref = optax.chain(*([optax.clip_by_global_norm(grad_clip)] if grad_clip else []),
-                    optax.adamw(sched, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.05))
-  rng = np.random.default_rng(0)
-  params = {'w': rng.normal(size=(5, 3)).astype(np.float32), 'b': np.ones(3, np.float32)}
-  p, s, p_ref, s_ref = params, tx.init(params), params, ref.init(params)
-  for _ in range(6):
-    g = jax.tree.map(lambda a: 10 * rng.normal(size=a.shape).astype(np.float32), params)
-    u, s = jax.jit(tx.update)(g, s, p)
-    u_ref, s_ref = ref.update(g, s_ref, p_ref)
-    p, p_ref = optax.apply_updates(p, u), optax.apply_updates(p_ref, u_ref)
-    for a, b in zip(jax.tree.leaves((p, s.mu, s.nu)),
-                    jax.tree.leaves((p_ref, s_ref[-1][0].mu, s_ref[-1][0].nu))):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert int(s.count) == 6
-  assert np.abs(p['w'] - params['w']).max() > 0.05  # the parameters did move
 
 
 def test_train_loop_writes_outputs_and_traces_once(tiny_config, tmp_path):
