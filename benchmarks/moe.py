@@ -21,7 +21,7 @@ The same ratios for one layer alone (forward + backward of the MoE layer against
 of hidden 10 D on the same tokens) separate the dispatch cost from what a whole step adds per
 parameter: AdamW and the EMA read and write all 8 experts' weights every step, the MoE has
 2.7x the dense model's parameters, and on a CPU that memory traffic is not hidden: at batch 8
-(512 tokens) on 2 cores AdamW costs the MoE step 63 ms more than SGD, the dense step 12-30 ms.
+(512 tokens) on 2 cores AdamW costs the MoE step 60-80 ms more than SGD, the dense step 10-30.
 """
 import os
 import sys
