@@ -185,8 +185,8 @@ def _dropless_ep_local(x, idx, w, p, *, kind, num_experts, axis, n, grouped, win
   r_ids = recv_id[r_order]
   group_sizes = jnp.zeros(e_local, jnp.int32).at[r_ids].add(1, mode='drop')
   # On average a device receives as many real rows as it sent (a): the windows' scale.
-  ys = experts.grouped_ffn(grouped, jnp.take(recv_x, r_order, axis=0), r_ids, group_sizes, p, kind,
-                   a, window_factor)
+  ys = experts.grouped_ffn(grouped, jnp.take(recv_x, r_order, axis=0), r_ids, group_sizes, p,
+                           kind, a, window_factor)
   r_real = (r_ids < e_local)[:, None]
   ys = jnp.where(r_real, ys, 0)
   back = jnp.take(ys, jnp.argsort(r_order), axis=0).reshape(n, a, d)
