@@ -11,8 +11,8 @@ references match the MoE's activated FLOPs per token (router + 2 experts + share
 MLP kind, so the ratio isolates the cost of sparse dispatch) and with DiT's GELU MLP of
 ratio 15 (which runs faster per FLOP than SwiGLU: two larger matmuls instead of three).
 Dropless runs with each grouped matmul: 'windows' (the default; whether the router's loads
-fit the windows or it fell back to 'blocks' is reported as moe_window_overflow, with
-moe_max_load), 'blocks' alone, and 'ragged_dot'.
+needed the spill or the fallback to 'blocks' is reported as moe_window_spill and
+moe_window_overflow, with moe_max_load), 'blocks' alone, and 'ragged_dot'.
 The MoE rows are timed from a state trained --settle steps first (capacity dispatch, the
 same synthetic batches): a fresh router sends most tokens to a few experts (max load 3.4 x the
 mean at init, 1.2-1.5 after 100 steps of the balance loss), which training leaves behind.
@@ -39,7 +39,7 @@ COLUMNS = (('config', 'config'), ('batch', 'batch'), ('params', 'params'),
            ('step_ms_median', 'step ms (med)'), ('images_per_s', 'img/s'),
            ('mfu_measured', 'MFU (measured)'), ('vs_dense', 'x dense SwiGLU'),
            ('vs_dense_gelu', 'x dense GELU'), ('moe_max_load', 'max load'),
-           ('moe_window_overflow', 'fell back'))
+           ('moe_window_spill', 'spilled'), ('moe_window_overflow', 'fell back'))
 
 
 def parse_args(argv=None):

@@ -87,7 +87,7 @@ def measure(config, label, args, ceilings, peak, state=None):
       'peak_memory_mib': mem / 2 ** 20, 'peak_memory_source': mem_source,
       'final_loss': loss, 'steps_timed': args.steps, 'step_times_s': stats['times_s'],
       # MoE routing of the last timed step (did dropless windows fit, how balanced).
-      **{k: float(metrics[k]) for k in ('moe_max_load', 'moe_window_overflow')
+      **{k: float(metrics[k]) for k in ('moe_max_load', 'moe_window_spill', 'moe_window_overflow')
          if k in metrics},
   }
 

@@ -7,7 +7,8 @@ Variants: `tiny`, `demo` (Fashion-MNIST), and the paper's S/2-8E2A, S/2-16E2A,
 B/2-8E2A, L/2-8E2A, XL/2-8E2A, G/2-16E2A (ImageNet-256 latent shape). Append
 `,ddpm` for DDPM. Useful overrides: --config.model.moe.dispatch=dropless|capacity|dense,
 --config.model.moe.grouped_matmul=windows|blocks|ragged_dot (dropless),
---config.model.moe.window_factor=2.0 (windows of 2x the mean load),
+--config.model.moe.window_factor=1.5 (windows of 1.5x the mean load),
+--config.model.moe.spill_factor=0 (no spill: an overflowing window runs the blocked matmul),
 --config.model.moe.every=2 (MoE in every other block), --config.mesh.expert=4.
 """
 import re
@@ -29,8 +30,8 @@ def get_config(arg='demo'):
     dit_config.demo(c)
     # Sized for ~10 minutes on 2 CPU cores: experts of hidden 2D (mlp_ratio), one shared
     # expert, batch 32. Dropless, as the reference: once the balance loss has evened the
-    # loads (~140 steps) every expert's tokens fit its window and a step is as fast as
-    # capacity dispatch, which would drop ~10% of the assignments here.
+    # loads (~140 steps) every expert's tokens fit its window (or the spill) and a step is as
+    # fast as capacity dispatch, which would drop ~10% of the assignments here.
     c.model.update(mlp_ratio=2.0)
     c.model.moe = dit_config.moe(8, num_shared=1)
     c.update(batch_size=32, total_steps=1500, checkpoint_every=500, sample_every=750,

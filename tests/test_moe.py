@@ -119,20 +119,34 @@ def test_every_dispatch_matches_numpy_when_nothing_is_dropped(kind, renormalize)
                  renormalize=renormalize, capacity_factor=e / k, record_routing=True)
   params = _params(base, x)
   ref, stats = np_moe(params, x, kind=kind, num_experts=e, top_k=k, renormalize=renormalize)
-  for dispatch, grouped in (('dense', 'windows'), ('dropless', 'windows'), ('dropless', 'blocks'),
-                            ('dropless', 'ragged_dot'), ('capacity', 'windows')):
-    y, sown = _apply(base.clone(dispatch=dispatch, grouped_matmul=grouped), params, x)
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4, err_msg=dispatch)
-    assert float(sown['moe_dropped_fraction']) == 0.0, dispatch
+  routes = set()
+  # (dispatch, grouped_matmul, window_factor, spill_factor): the windows at the defaults, at
+  # 1x the mean with a spill and with none, and at half the mean (spill or blocks).
+  for dispatch, grouped, wf, sf in (('dense', 'windows', 1.25, 0.75),
+                                    ('dropless', 'windows', 1.25, 0.75),
+                                    ('dropless', 'windows', 1.0, 0.5),
+                                    ('dropless', 'windows', 1.0, 0.0),
+                                    ('dropless', 'windows', 0.5, 1.0),
+                                    ('dropless', 'blocks', 1.25, 0.75),
+                                    ('dropless', 'ragged_dot', 1.25, 0.75),
+                                    ('capacity', 'windows', 1.25, 0.75)):
+    label = f'{dispatch} {grouped} {wf} {sf}'
+    y, sown = _apply(base.clone(dispatch=dispatch, grouped_matmul=grouped, window_factor=wf,
+                                spill_factor=sf), params, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4, err_msg=label)
+    assert float(sown['moe_dropped_fraction']) == 0.0, label
     np.testing.assert_array_equal(sown['moe_topk_indices'], stats['moe_topk_indices'])
     for name in ('moe_aux_loss', 'moe_router_entropy', 'moe_expert_load'):
       np.testing.assert_allclose(sown[name], stats[name], rtol=1e-5, err_msg=name)
     if (dispatch, grouped) == ('dropless', 'windows'):
-      counts = stats['moe_expert_load'] * B * L * k
-      overflow = np.any(counts > experts.window_rows(B * L * k, e, base.window_factor))
-      assert float(sown['moe_window_overflow']) == float(overflow)
+      counts = np.round(stats['moe_expert_load'] * B * L * k).astype(int)
+      route = _np_window_route(counts, B * L * k, wf, sf)
+      routes.add(route)
+      assert float(sown['moe_window_spill']) == float(route == 1), label
+      assert float(sown['moe_window_overflow']) == float(route == 2), label
     else:
-      assert 'moe_window_overflow' not in sown
+      assert 'moe_window_overflow' not in sown and 'moe_window_spill' not in sown
+  assert routes == {0, 1, 2}  # each of windows alone, with the spill and blocks was run
   assert y.dtype == jnp.float32 and y.shape == x.shape
   # The reference really uses the (non-)renormalised weights: switching it changes the output.
   other, _ = np_moe(params, x, kind=kind, num_experts=e, top_k=k,
@@ -169,32 +183,55 @@ def test_blocked_grouped_matmul_matches_numpy_on_uneven_groups(kind):
   assert experts.block_size(1024, 8) == 64 and experts.block_size(10, 8) == 8
 
 
+def _np_window_route(counts, rows, window_factor, spill_factor, spill_experts=2):
+  """NumPy restatement of the windows' choice: 0 windows alone, 1 with the spill, 2 blocks."""
+  def rows_of(factor):
+    return min(int(np.ceil(np.ceil(factor * rows / len(counts)) / 8) * 8), rows)
+  window, spill = rows_of(window_factor), rows_of(spill_factor) if spill_factor else 0
+  over = np.maximum(np.asarray(counts) - window, 0)
+  if not over.any():
+    return 0
+  return 1 if (over > 0).sum() <= spill_experts and over.max() <= spill else 2
+
+
 @pytest.mark.parametrize('kind', ['swiglu', 'gelu'])
-def test_windows_fall_back_to_blocks_when_a_group_overflows(kind):
-  xs, ids, sizes, p, ref = _uneven_groups(kind)
+def test_windows_spill_or_fall_back_to_blocks_when_groups_overflow(kind):
+  xs, ids, sizes, p, ref = _uneven_groups(kind)  # groups 0, 5, 17, 1
   args = (jnp.asarray(xs), jnp.asarray(ids), jnp.asarray(sizes), p, kind)
   np.testing.assert_allclose(experts.windowed_ffn(*args, 17), ref, rtol=1e-4, atol=1e-4)
-  # A window of 8 truncates the group of 17 by itself; under the cond it is still exact.
-  assert np.abs(experts.windowed_ffn(*args, 8) - ref).max() > 1e-2
+  # A window of 8 leaves rows 9-17 of the group of 17 to the spill (zeros without it).
+  alone = experts.windowed_ffn(*args, 8)
+  np.testing.assert_array_equal(alone[5 + 8:5 + 17], 0)
+  np.testing.assert_allclose(alone[:5 + 8], ref[:5 + 8], rtol=1e-4, atol=1e-4)
+  spill = experts.spill_ffn(*args, 8, 16)
+  np.testing.assert_array_equal(spill[:5 + 8], 0)
+  np.testing.assert_allclose(spill[5 + 8:5 + 17], ref[5 + 8:5 + 17], rtol=1e-4, atol=1e-4)
   target = np.random.default_rng(1).standard_normal(xs.shape).astype(np.float32)
-  grads = []
-  for window in (17, 8, len(ids)):  # windows, fallback to blocks, no cond at all
-    f = lambda xs, p, w=window: experts.windows_or_blocks_ffn(xs, args[1], args[2], p, kind, w)
-    np.testing.assert_allclose(jax.jit(f)(xs, p), ref, rtol=1e-4, atol=1e-4, err_msg=window)
-    grads.append(jax.grad(lambda xs, p: jnp.sum(f(xs, p) * target), argnums=(0, 1))(xs, p))
   ref_grads = jax.grad(lambda xs, p: jnp.sum(
       experts.blocked_ffn(xs, args[1], args[2], p, kind) * target), argnums=(0, 1))(xs, p)
-  for g in grads:
-    for a, b_ in zip(jax.tree.leaves(g), jax.tree.leaves(ref_grads)):
-      np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-4)
+  # (window, spill rows, route): fits; one group spills; two groups spill; a spill too
+  # small and no spill at all (blocks); a window of all rows (no switch at all).
+  cases = ((17, 8, 0), (8, 16, 1), (1, 16, 1), (4, 8, 2), (8, 0, 2), (len(ids), 0, 0))
+  for window, spill_rows, route in cases:
+    assert int(experts.window_route(jnp.asarray(sizes), window, spill_rows)) == route
+    f = lambda xs, p, w=window, s=spill_rows: experts.windows_or_blocks_ffn(
+        xs, args[1], args[2], p, kind, w, s)
+    label = f'window {window} spill {spill_rows}'
+    np.testing.assert_allclose(jax.jit(f)(xs, p), ref, rtol=1e-4, atol=1e-4, err_msg=label)
+    grads = jax.grad(lambda xs, p: jnp.sum(f(xs, p) * target), argnums=(0, 1))(xs, p)
+    for a, b_ in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-4, err_msg=label)
+  # Three groups over their window is past the spill's two experts: blocks.
+  assert int(experts.window_route(jnp.asarray([9, 9, 9, 0]), 8, 64)) == 2
   assert experts.window_rows(1024, 8, 1.5) == 192 and experts.window_rows(20, 8, 1.5) == 8
-  assert experts.window_rows(16, 2, 1.5) == 16  # a window of all rows: no cond needed
+  assert experts.window_rows(16, 2, 1.5) == 16  # a window of all rows: no switch needed
 
 
 @pytest.mark.parametrize('field,value,message', [
     ('dispatch', 'sparse', 'unknown MoE dispatch'), ('grouped_matmul', 'gmm', 'unknown grouped'),
     ('expert_kind', 'relu', 'unknown expert kind'), ('top_k', 5, 'top_k=5 must be'),
-    ('window_factor', 0.0, 'window_factor=0.0 must be > 0')])
+    ('window_factor', 0.0, 'window_factor=0.0 must be > 0'),
+    ('spill_factor', -0.5, 'spill_factor=-0.5 must be >= 0')])
 def test_bad_fields_name_the_problem(field, value, message):
   m = moe.MoE(num_experts=4, expert_hidden=H).clone(**{field: value})
   with pytest.raises(ValueError, match=message):

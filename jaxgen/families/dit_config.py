@@ -22,8 +22,8 @@ def moe(num_experts=0, **overrides):
   """MoE fields of every MoE block; num_experts=0 means a dense DiT."""
   c = ml_collections.ConfigDict(dict(
       num_experts=num_experts, top_k=2, num_shared=2, expert_kind='swiglu', renormalize=False,
-      dispatch='dropless', grouped_matmul='windows', window_factor=1.5, capacity_factor=1.25,
-      balance_coef=0.005, record_routing=False, every=1))
+      dispatch='dropless', grouped_matmul='windows', window_factor=1.25, spill_factor=0.75,
+      capacity_factor=1.25, balance_coef=0.005, record_routing=False, every=1))
   c.update(overrides)
   return c
 

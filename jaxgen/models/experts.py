@@ -4,10 +4,12 @@ over rows sorted by expert id (the dropless MoE dispatch).
 Grouped matmuls (`GROUPED_MATMULS`, chosen by `grouped_ffn`):
   'windows'     each expert's rows are copied into its own window of `window_rows` rows and all
                 experts run as one batched matmul with their own weights (no weight gather, as
-                capacity dispatch). A window that some group overflows would drop rows, so a
-                lax.cond runs 'blocks' on such a step instead: dropless either way. (Measured
-                on CPU only; on a GPU a lax.cond may read its predicate back to the host once
-                per layer and direction.)
+                capacity dispatch). Rows beyond a window would be dropped, so a lax.switch picks
+                per step (`window_route`): nothing more when every group fits; when at most
+                SPILL_EXPERTS groups overflow, each by at most the spill rows, a second small
+                batched matmul over just those experts (the spill); else 'blocks' for all rows.
+                Dropless either way. (Measured on CPU only; on a GPU a lax.switch may read its
+                index back to the host once per layer and direction.)
   'blocks'      each group padded to whole blocks of one expert; one batched matmul over the
                 blocks with per-block gathered weights (the gathers cost memory traffic).
   'ragged_dot'  `jax.lax.ragged_dot`, for backends with a grouped-GEMM kernel; XLA:CPU expands it
@@ -94,49 +96,96 @@ def blocked_ffn(xs, ids, group_sizes, p, kind):
   return jnp.take(yb, dest, axis=0, mode='fill', fill_value=0)
 
 
+SPILL_EXPERTS = 2  # a step whose windows overflow for more experts runs 'blocks'
+
+
 def window_rows(rows, num_experts, factor):
-  """Rows of each expert's window: `factor` x the mean group size, rounded up to a multiple
-  of 8 and at most `rows` (a window that large always fits)."""
+  """Rows of each expert's window (or spill): `factor` x the mean group size, rounded up to a
+  multiple of 8 and at most `rows` (a window that large always fits)."""
   return min(-(-math.ceil(factor * rows / num_experts) // 8) * 8, rows)
 
 
+def spill_rows(rows, num_experts, factor):
+  """Rows of the spill of each of the SPILL_EXPERTS experts (0: no spill)."""
+  return window_rows(rows, num_experts, factor) if factor > 0 else 0
+
+
+def _rows_into_windows(xs, first, count, size):
+  """Rows first[i] + s of xs into slot s of window i while s < count[i], zeros after:
+  [m] first rows and counts -> [m, size, D]."""
+  slot = jnp.arange(size)
+  src = jnp.minimum(first[:, None] + slot[None], xs.shape[0] - 1)
+  return jnp.where((slot[None] < count[:, None])[..., None], jnp.take(xs, src, axis=0), 0)
+
+
 def windowed_ffn(xs, ids, group_sizes, p, kind, window):
-  """Same contract as ragged_ffn when every group has at most `window` rows: each expert's
-  rows are copied into its own window [E, window, D] and all experts run as one batched
-  matmul with their own weights (no weight gather, as capacity dispatch), then the rows are
-  gathered back into sorted order."""
+  """Same contract as ragged_ffn for the first `window` rows of every group (later rows come
+  back as zeros): each expert's rows are copied into its own window [E, window, D] and all
+  experts run as one batched matmul with their own weights (no weight gather, as capacity
+  dispatch), then the rows are gathered back into sorted order."""
   n, e = xs.shape[0], group_sizes.shape[0]
   start = jnp.cumsum(group_sizes) - group_sizes
-  slot = jnp.arange(window)
-  src = jnp.minimum(start[:, None] + slot[None], n - 1)
-  filled = slot[None] < group_sizes[:, None]
-  xw = jnp.where(filled[..., None], jnp.take(xs, src, axis=0), 0)
-  yw = batched_ffn(xw, p, kind)  # [E, window, D]
+  yw = batched_ffn(_rows_into_windows(xs, start, group_sizes, window), p, kind)  # [E, window, D]
   expert = jnp.minimum(ids, e - 1)
-  row = jnp.minimum(jnp.arange(n) - start[expert], window - 1)
-  return jnp.where((ids < e)[:, None], yw[expert, row], 0)
+  row = jnp.arange(n) - start[expert]  # each row's place in its group
+  inside = (ids < e) & (row < window)
+  return jnp.where(inside[:, None], yw[expert, jnp.minimum(row, window - 1)], 0)
 
 
-def windows_or_blocks_ffn(xs, ids, group_sizes, p, kind, window):
-  """windowed_ffn when every group fits its window (balanced routing, the common case),
-  else the blocked grouped matmul: still dropless, chosen at run time by lax.cond. The
-  fallback is rematerialised (jax.checkpoint) so that its residuals (the per-block weight
-  gathers) are not kept, and zero-filled, on the steps that do not take it."""
+def window_route(group_sizes, window, spill):
+  """0: every group fits its window; 1: at most SPILL_EXPERTS groups overflow it, each by at
+  most `spill` rows (the spill takes them); 2: neither (the blocked fallback)."""
+  over = jnp.maximum(group_sizes - window, 0)
+  spilled = (jnp.sum(over > 0) <= SPILL_EXPERTS) & (jnp.max(over) <= spill)
+  return jnp.where(jnp.max(over) == 0, 0, jnp.where(spilled, 1, 2))
+
+
+def spill_ffn(xs, ids, group_sizes, p, kind, window, spill):
+  """The rows past the window of the SPILL_EXPERTS most overflowing groups, up to `spill` rows
+  each, as one batched matmul over just those experts' (gathered) weights; zeros for every
+  other row. windowed_ffn + spill_ffn is exact when window_route(...) <= 1."""
+  n, e = xs.shape[0], group_sizes.shape[0]
+  m = min(SPILL_EXPERTS, e)
+  start = jnp.cumsum(group_sizes) - group_sizes
+  over = jnp.maximum(group_sizes - window, 0)
+  chosen = jax.lax.top_k(over, m)[1]  # [m] expert ids
+  xw = _rows_into_windows(xs, start[chosen] + window, over[chosen], spill)
+  yw = batched_ffn(xw, jax.tree.map(lambda w: jnp.take(w, chosen, axis=0), p), kind)
+  expert = jnp.minimum(ids, e - 1)
+  which = jnp.full((e,), m, jnp.int32).at[chosen].set(jnp.arange(m, dtype=jnp.int32))[expert]
+  row = jnp.arange(n) - start[expert] - window  # place in the spill
+  inside = (ids < e) & (which < m) & (row >= 0) & (row < spill)
+  return jnp.where(inside[:, None],
+                   yw[jnp.minimum(which, m - 1), jnp.clip(row, 0, spill - 1)], 0)
+
+
+def windows_or_blocks_ffn(xs, ids, group_sizes, p, kind, window, spill=0):
+  """windowed_ffn when every group fits its window (balanced routing, the common case), plus
+  spill_ffn when a few groups overflow a little, else the blocked grouped matmul: dropless,
+  chosen at run time by window_route. The fallback is rematerialised (jax.checkpoint) so that
+  its residuals (the per-block weight gathers) are not kept, and zero-filled, on the steps
+  that do not take it."""
   if window >= xs.shape[0]:
     return windowed_ffn(xs, ids, group_sizes, p, kind, window)
+  y = windowed_ffn(xs, ids, group_sizes, p, kind, window)
+  fits = lambda xs, p: y
   blocks = jax.checkpoint(lambda xs, p: blocked_ffn(xs, ids, group_sizes, p, kind))
-  windows = lambda xs, p: windowed_ffn(xs, ids, group_sizes, p, kind, window)
-  return jax.lax.cond(jnp.all(group_sizes <= window), windows, blocks, xs, p)
+  route = window_route(group_sizes, window, spill)
+  if spill == 0:
+    return jax.lax.cond(route == 0, fits, blocks, xs, p)
+  spilled = lambda xs, p: y + spill_ffn(xs, ids, group_sizes, p, kind, window, spill)
+  return jax.lax.switch(route, [fits, spilled, blocks], xs, p)
 
 
 GROUPED_MATMULS = ('windows', 'blocks', 'ragged_dot')
 
 
-def grouped_ffn(grouped, xs, ids, group_sizes, p, kind, rows, window_factor):
+def grouped_ffn(grouped, xs, ids, group_sizes, p, kind, rows, window_factor, spill_factor=0.0):
   """The grouped matmul `grouped` over rows sorted by expert id; `rows` is the expected
   number of real rows (xs may hold padding rows with sentinel ids)."""
   if grouped == 'windows':
-    window = window_rows(rows, group_sizes.shape[0], window_factor)
-    return windows_or_blocks_ffn(xs, ids, group_sizes, p, kind, window)
+    e = group_sizes.shape[0]
+    return windows_or_blocks_ffn(xs, ids, group_sizes, p, kind, window_rows(rows, e, window_factor),
+                                 spill_rows(rows, e, spill_factor))
   ffn = blocked_ffn if grouped == 'blocks' else ragged_ffn
   return ffn(xs, ids, group_sizes, p, kind)

@@ -18,10 +18,11 @@ without it sow is a silent no-op and the balance loss is lost):
                           (before any capacity drop; sums to 1).
   'moe_dropped_fraction'  scalar, share of the T*K assignments dropped by the capacity
                           limit (always 0 for 'dropless' and 'dense').
-  'moe_window_overflow'   1.0 when some expert got more assignments than its window, so
-                          'dropless' with grouped_matmul 'windows' ran the blocked fallback
-                          (only for that combination; under expert parallelism the windows are
-                          per device and this global criterion is approximate).
+  'moe_window_spill'      1.0 when 'dropless' with grouped_matmul 'windows' ran the spill
+                          (a few experts overflowed their windows a little), and
+  'moe_window_overflow'   1.0 when it ran the blocked fallback instead (only for that
+                          combination; under expert parallelism the windows are per device
+                          and this global criterion is approximate).
   'moe_topk_indices'      [B, L, K] int32 expert ids, only when `record_routing=True`.
 Like every `sow`, each value is stored as a 1-tuple under the module's path, e.g.
 intermediates['block3']['moe']['moe_aux_loss'] == (aux,). `aux_loss(intermediates)` sums
@@ -43,8 +44,9 @@ Dispatch implementations (identical functions when nothing is dropped):
               experts run as a grouped matmul over the group sizes; unsorted, weighted and
               summed over K. Never drops. The grouped matmul (grouped_matmul 'windows', the
               default, 'blocks' or 'ragged_dot') is in experts.py: 'windows' gives each expert
-              a window of window_factor x the mean group size and runs 'blocks' instead on a
-              step where an expert overflows it (moe_max_load above window_factor).
+              a window of window_factor x the mean group size, runs the rows of the (at most
+              2) experts that overflow it in a spill of spill_factor x the mean, and runs
+              'blocks' instead on a step where that is not enough.
               Expert parallelism (a mesh is active, the 'expert' rule maps to mesh axes of
               total size n > 1 and n divides E): routing and the balance loss are computed
               on the global arrays; the expert computation runs in
@@ -62,7 +64,7 @@ Dispatch implementations (identical functions when nothing is dropped):
               (n * T_local * K * D per buffer, per device) because each destination slot must
               hold the worst case (all local assignments going to one device) to stay
               dropless with a fixed-shape all_to_all; 'ragged_dot' and 'blocks' then
-              also run over n*a rows ('windows' over window_factor * a rows).
+              also run over n*a rows ('windows' over window_factor * a rows, plus the spill).
               `jax.lax.ragged_all_to_all` would avoid the padding but is UNIMPLEMENTED on
               XLA:CPU (jax 0.10.2: "HLO opcode ragged-all-to-all is not supported"), so it
               is not used. On XLA:CPU `ragged_dot` itself is expanded into a masked dense dot
@@ -144,7 +146,8 @@ def capacity_dispatch(x, idx, w, p, kind, num_experts, capacity, expert_spec=Non
   return y, jnp.sum(~kept)
 
 
-def dropless_dispatch(x, idx, w, p, kind, num_experts, grouped='windows', window_factor=1.5):
+def dropless_dispatch(x, idx, w, p, kind, num_experts, grouped='windows', window_factor=1.25,
+                      spill_factor=0.75):
   """x [T, D], idx/w [T, K] -> [T, D]: sort by expert, grouped matmul, unsort (one device)."""
   t, k = idx.shape
   e_flat = idx.reshape(-1)
@@ -152,12 +155,14 @@ def dropless_dispatch(x, idx, w, p, kind, num_experts, grouped='windows', window
   ids = e_flat[order]
   xs = jnp.take(x, order // k, axis=0)
   group_sizes = jnp.zeros(num_experts, jnp.int32).at[ids].add(1)
-  ys = experts.grouped_ffn(grouped, xs, ids, group_sizes, p, kind, t * k, window_factor)
+  ys = experts.grouped_ffn(grouped, xs, ids, group_sizes, p, kind, t * k, window_factor,
+                           spill_factor)
   y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(t, k, -1)
   return jnp.einsum('tkd,tk->td', y, w.astype(y.dtype))
 
 
-def _dropless_ep_local(x, idx, w, p, *, kind, num_experts, axis, n, grouped, window_factor):
+def _dropless_ep_local(x, idx, w, p, *, kind, num_experts, axis, n, grouped, window_factor,
+                       spill_factor):
   """Per-device body of the expert-parallel dropless path (inside shard_map).
 
   x [t, D], idx/w [t, K] are this device's tokens; p holds its E/n experts."""
@@ -186,7 +191,7 @@ def _dropless_ep_local(x, idx, w, p, *, kind, num_experts, axis, n, grouped, win
   group_sizes = jnp.zeros(e_local, jnp.int32).at[r_ids].add(1, mode='drop')
   # On average a device receives as many real rows as it sent (a): the windows' scale.
   ys = experts.grouped_ffn(grouped, jnp.take(recv_x, r_order, axis=0), r_ids, group_sizes, p,
-                           kind, a, window_factor)
+                           kind, a, window_factor, spill_factor)
   r_real = (r_ids < e_local)[:, None]
   ys = jnp.where(r_real, ys, 0)
   back = jnp.take(ys, jnp.argsort(r_order), axis=0).reshape(n, a, d)
@@ -237,7 +242,7 @@ def _mesh_size(mesh, axes):
 
 
 def dropless_expert_parallel(x, idx, w, p, kind, num_experts, mesh, expert_axes, token_axes,
-                             grouped='windows', window_factor=1.5):
+                             grouped='windows', window_factor=1.25, spill_factor=0.75):
   """x [T, D], idx/w [T, K] (global) -> [T, D] with experts sharded over `expert_axes`."""
   t = x.shape[0]
   n_tok = _mesh_size(mesh, token_axes)
@@ -251,7 +256,8 @@ def dropless_expert_parallel(x, idx, w, p, kind, num_experts, mesh, expert_axes,
   p_specs = jax.tree.map(lambda v: P(ex, *([None] * (v.ndim - 1))), p)
   body = lambda x, i, w, p: _dropless_ep_local(
       x, i, w, p, kind=kind, num_experts=num_experts, axis=ex,
-      n=_mesh_size(mesh, expert_axes), grouped=grouped, window_factor=window_factor)
+      n=_mesh_size(mesh, expert_axes), grouped=grouped, window_factor=window_factor,
+      spill_factor=spill_factor)
   y = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, p_specs),
                     out_specs=tok_spec)(x, idx, w, p)
   return y[:t]
@@ -268,8 +274,8 @@ class MoE(nn.Module):
   biases, the paper's Eq.); num_shared (shared experts as ONE MLP of hidden num_shared*D,
   same kind; 0 -> none); renormalize (top-k weights renormalised to sum 1); dispatch
   'dropless' | 'capacity' | 'dense'; grouped_matmul for dropless, 'windows' | 'blocks' |
-  'ragged_dot'; window_factor (of 'windows'); capacity_factor; balance_coef alpha;
-  record_routing (sow the top-k ids); dtype (compute dtype; router is float32).
+  'ragged_dot'; window_factor and spill_factor (of 'windows'); capacity_factor; balance_coef
+  alpha; record_routing (sow the top-k ids); dtype (compute dtype; router is float32).
 
   Params: router/kernel [D, E] ('embed', None); wi_gate, wi_up [E, D, H]
   ('expert', 'embed', 'mlp') and wo [E, H, D] ('expert', 'mlp', 'embed') for swiglu;
@@ -283,7 +289,8 @@ class MoE(nn.Module):
   renormalize: bool = False
   dispatch: str = 'dropless'
   grouped_matmul: str = 'windows'
-  window_factor: float = 1.5
+  window_factor: float = 1.25
+  spill_factor: float = 0.75
   capacity_factor: float = 1.25
   balance_coef: float = 0.005
   record_routing: bool = False
@@ -316,8 +323,11 @@ class MoE(nn.Module):
     if not 1 <= self.top_k <= self.num_experts:
       raise ValueError(f'top_k={self.top_k} must be in [1, num_experts={self.num_experts}]')
     if self.window_factor <= 0:
-      raise ValueError(f'window_factor={self.window_factor} must be > 0 (1.5: windows of 1.5x '
-                       'the mean load)')
+      raise ValueError(f'window_factor={self.window_factor} must be > 0 (1.25: windows of '
+                       '1.25x the mean load)')
+    if self.spill_factor < 0:
+      raise ValueError(f'spill_factor={self.spill_factor} must be >= 0 (0: no spill, an '
+                       'overflowing window runs the blocked fallback)')
 
   @nn.compact
   def __call__(self, x):
@@ -349,16 +359,17 @@ class MoE(nn.Module):
       y = dense_dispatch(xt, top_i, weights, p, self.expert_kind, e)
     elif self.dispatch == 'dropless':
       if self.grouped_matmul == 'windows':
-        window = experts.window_rows(t * k, e, self.window_factor)
-        self.sow('intermediates', 'moe_window_overflow',
-                 jnp.any(counts > window).astype(jnp.float32))
+        route = experts.window_route(counts, experts.window_rows(t * k, e, self.window_factor),
+                                     experts.spill_rows(t * k, e, self.spill_factor))
+        self.sow('intermediates', 'moe_window_spill', (route == 1).astype(jnp.float32))
+        self.sow('intermediates', 'moe_window_overflow', (route == 2).astype(jnp.float32))
+      windows = (self.window_factor, self.spill_factor)
       if expert_axes:
         y = dropless_expert_parallel(xt, top_i, weights, p, self.expert_kind, e, mesh,
-                                     expert_axes, token_axes, self.grouped_matmul,
-                                     self.window_factor)
+                                     expert_axes, token_axes, self.grouped_matmul, *windows)
       else:
         y = dropless_dispatch(xt, top_i, weights, p, self.expert_kind, e, self.grouped_matmul,
-                              self.window_factor)
+                              *windows)
     else:
       capacity = min(l, math.ceil(self.capacity_factor * l * k / e))
       spec = None
@@ -413,14 +424,16 @@ def aux_loss(intermediates):
 
 def routing_metrics(intermediates):
   """Layer-averaged scalar metrics: moe_aux_loss (sum), moe_router_entropy,
-  moe_dropped_fraction, moe_window_overflow (share of the MoE layers that ran the blocked
-  fallback; dropless 'windows' only), moe_max_load (max expert share x E; 1 = balanced) and
-  moe_load/expertNN (each expert's share of the assignments)."""
+  moe_dropped_fraction, moe_window_spill and moe_window_overflow (shares of the MoE layers
+  that ran the spill and the blocked fallback; dropless 'windows' only), moe_max_load (max
+  expert share x E; 1 = balanced) and moe_load/expertNN (each expert's share of the
+  assignments)."""
   out = {}
   if not _collect(intermediates, 'moe_aux_loss'):
     return out
   out['moe_aux_loss'] = aux_loss(intermediates)
-  for name in ('moe_router_entropy', 'moe_dropped_fraction', 'moe_window_overflow'):
+  for name in ('moe_router_entropy', 'moe_dropped_fraction', 'moe_window_spill',
+               'moe_window_overflow'):
     vals = _collect(intermediates, name)
     if vals:
       out[name] = sum(vals) / len(vals)
