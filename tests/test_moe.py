@@ -183,8 +183,10 @@ def test_blocked_grouped_matmul_matches_numpy_on_uneven_groups(kind):
   assert experts.block_size(1024, 8) == 64 and experts.block_size(10, 8) == 8
 
 
-def _np_window_route(counts, rows, window_factor, spill_factor, spill_experts=2):
-  """NumPy restatement of the windows' choice: 0 windows alone, 1 with the spill, 2 blocks."""
+def _np_window_route(counts, rows, window_factor, spill_factor):
+  """NumPy restatement of the windows' choice: 0 windows alone, 1 with the spill (of a
+  quarter of the experts, at least 2), 2 blocks."""
+  spill_experts = min(max(2, len(counts) // 4), len(counts))
   def rows_of(factor):
     return min(int(np.ceil(np.ceil(factor * rows / len(counts)) / 8) * 8), rows)
   window, spill = rows_of(window_factor), rows_of(spill_factor) if spill_factor else 0
@@ -221,8 +223,11 @@ def test_windows_spill_or_fall_back_to_blocks_when_groups_overflow(kind):
     grads = jax.grad(lambda xs, p: jnp.sum(f(xs, p) * target), argnums=(0, 1))(xs, p)
     for a, b_ in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
       np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-4, err_msg=label)
-  # Three groups over their window is past the spill's two experts: blocks.
+  # Three groups over their window is past the spill's two experts: blocks. With 16 experts
+  # the spill takes four.
   assert int(experts.window_route(jnp.asarray([9, 9, 9, 0]), 8, 64)) == 2
+  assert [int(experts.window_route(jnp.asarray([9] * j + [0] * (16 - j)), 8, 64))
+          for j in (4, 5)] == [1, 2]
   assert experts.window_rows(1024, 8, 1.5) == 192 and experts.window_rows(20, 8, 1.5) == 8
   assert experts.window_rows(16, 2, 1.5) == 16  # a window of all rows: no switch needed
 

@@ -6,7 +6,7 @@ Grouped matmuls (`GROUPED_MATMULS`, chosen by `grouped_ffn`):
                 experts run as one batched matmul with their own weights (no weight gather, as
                 capacity dispatch). Rows beyond a window would be dropped, so a lax.switch picks
                 per step (`window_route`): nothing more when every group fits; when at most
-                SPILL_EXPERTS groups overflow, each by at most the spill rows, a second small
+                `spill_experts` groups overflow, each by at most the spill rows, a second small
                 batched matmul over just those experts (the spill); else 'blocks' for all rows.
                 Dropless either way. (Measured on CPU only; on a GPU a lax.switch may read its
                 index back to the host once per layer and direction.)
@@ -96,9 +96,6 @@ def blocked_ffn(xs, ids, group_sizes, p, kind):
   return jnp.take(yb, dest, axis=0, mode='fill', fill_value=0)
 
 
-SPILL_EXPERTS = 2  # a step whose windows overflow for more experts runs 'blocks'
-
-
 def window_rows(rows, num_experts, factor):
   """Rows of each expert's window (or spill): `factor` x the mean group size, rounded up to a
   multiple of 8 and at most `rows` (a window that large always fits)."""
@@ -106,8 +103,15 @@ def window_rows(rows, num_experts, factor):
 
 
 def spill_rows(rows, num_experts, factor):
-  """Rows of the spill of each of the SPILL_EXPERTS experts (0: no spill)."""
+  """Rows of the spill of each of the `spill_experts` experts (0: no spill)."""
   return window_rows(rows, num_experts, factor) if factor > 0 else 0
+
+
+def spill_experts(num_experts):
+  """How many overflowing experts the spill takes: a quarter of them, at least 2 (E = 8: 2,
+  E = 16: 4), so that it costs the same share of the rows at any E; a step whose windows
+  overflow for more experts runs 'blocks'."""
+  return min(max(2, num_experts // 4), num_experts)
 
 
 def _rows_into_windows(xs, first, count, size):
@@ -133,19 +137,20 @@ def windowed_ffn(xs, ids, group_sizes, p, kind, window):
 
 
 def window_route(group_sizes, window, spill):
-  """0: every group fits its window; 1: at most SPILL_EXPERTS groups overflow it, each by at
+  """0: every group fits its window; 1: at most `spill_experts` groups overflow it, each by at
   most `spill` rows (the spill takes them); 2: neither (the blocked fallback)."""
   over = jnp.maximum(group_sizes - window, 0)
-  spilled = (jnp.sum(over > 0) <= SPILL_EXPERTS) & (jnp.max(over) <= spill)
+  spilled = ((jnp.sum(over > 0) <= spill_experts(group_sizes.shape[0]))
+             & (jnp.max(over) <= spill))
   return jnp.where(jnp.max(over) == 0, 0, jnp.where(spilled, 1, 2))
 
 
 def spill_ffn(xs, ids, group_sizes, p, kind, window, spill):
-  """The rows past the window of the SPILL_EXPERTS most overflowing groups, up to `spill` rows
+  """The rows past the window of the `spill_experts` most overflowing groups, up to `spill` rows
   each, as one batched matmul over just those experts' (gathered) weights; zeros for every
   other row. windowed_ffn + spill_ffn is exact when window_route(...) <= 1."""
   n, e = xs.shape[0], group_sizes.shape[0]
-  m = min(SPILL_EXPERTS, e)
+  m = spill_experts(e)
   start = jnp.cumsum(group_sizes) - group_sizes
   over = jnp.maximum(group_sizes - window, 0)
   chosen = jax.lax.top_k(over, m)[1]  # [m] expert ids

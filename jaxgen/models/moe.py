@@ -44,9 +44,10 @@ Dispatch implementations (identical functions when nothing is dropped):
               experts run as a grouped matmul over the group sizes; unsorted, weighted and
               summed over K. Never drops. The grouped matmul (grouped_matmul 'windows', the
               default, 'blocks' or 'ragged_dot') is in experts.py: 'windows' gives each expert
-              a window of window_factor x the mean group size, runs the rows of the (at most
-              2) experts that overflow it in a spill of spill_factor x the mean, and runs
-              'blocks' instead on a step where that is not enough.
+              a window of window_factor x the mean group size, runs the rows of the few
+              experts (a quarter of E, at least 2) that overflow it in a spill of
+              spill_factor x the mean, and runs 'blocks' instead on a step where that is not
+              enough.
               Expert parallelism (a mesh is active, the 'expert' rule maps to mesh axes of
               total size n > 1 and n divides E): routing and the balance loss are computed
               on the global arrays; the expert computation runs in
