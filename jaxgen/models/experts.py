@@ -4,12 +4,12 @@ over rows sorted by expert id (the dropless MoE dispatch).
 Grouped matmuls (`GROUPED_MATMULS`, chosen by `grouped_ffn`):
   'windows'     each expert's rows are copied into its own window of `window_rows` rows and all
                 experts run as one batched matmul with their own weights (no weight gather, as
-                capacity dispatch). Rows beyond a window would be dropped, so a lax.switch picks
+                capacity dispatch). Rows beyond a window would be dropped, so lax.conds pick
                 per step (`window_route`): nothing more when every group fits; when at most
                 `spill_experts` groups overflow, each by at most the spill rows, a second small
                 batched matmul over just those experts (the spill); else 'blocks' for all rows.
-                Dropless either way. (Measured on CPU only; on a GPU a lax.switch may read its
-                index back to the host once per layer and direction.)
+                Dropless either way. (Measured on CPU only; on a GPU a lax.cond may read its
+                predicate back to the host, twice per layer and direction.)
   'blocks'      each group padded to whole blocks of one expert; one batched matmul over the
                 blocks with per-block gathered weights (the gathers cost memory traffic).
   'ragged_dot'  `jax.lax.ragged_dot`, for backends with a grouped-GEMM kernel; XLA:CPU expands it
@@ -167,19 +167,22 @@ def spill_ffn(xs, ids, group_sizes, p, kind, window, spill):
 def windows_or_blocks_ffn(xs, ids, group_sizes, p, kind, window, spill=0):
   """windowed_ffn when every group fits its window (balanced routing, the common case), plus
   spill_ffn when a few groups overflow a little, else the blocked grouped matmul: dropless,
-  chosen at run time by window_route. The fallback is rematerialised (jax.checkpoint) so that
-  its residuals (the per-block weight gathers) are not kept, and zero-filled, on the steps
-  that do not take it."""
+  chosen at run time by window_route. Nested conds compute the windows only when they are
+  used and the spill only when it is needed. The fallback is rematerialised (jax.checkpoint)
+  so that its residuals (the per-block weight gathers) are not kept, and zero-filled, on the
+  steps that do not take it."""
   if window >= xs.shape[0]:
     return windowed_ffn(xs, ids, group_sizes, p, kind, window)
-  y = windowed_ffn(xs, ids, group_sizes, p, kind, window)
-  fits = lambda xs, p: y
-  blocks = jax.checkpoint(lambda xs, p: blocked_ffn(xs, ids, group_sizes, p, kind))
   route = window_route(group_sizes, window, spill)
-  if spill == 0:
-    return jax.lax.cond(route == 0, fits, blocks, xs, p)
-  spilled = lambda xs, p: y + spill_ffn(xs, ids, group_sizes, p, kind, window, spill)
-  return jax.lax.switch(route, [fits, spilled, blocks], xs, p)
+  blocks = jax.checkpoint(lambda xs, p: blocked_ffn(xs, ids, group_sizes, p, kind))
+
+  def windows(xs, p):
+    y = windowed_ffn(xs, ids, group_sizes, p, kind, window)
+    if not spill:
+      return y
+    spilled = lambda xs, p: spill_ffn(xs, ids, group_sizes, p, kind, window, spill)
+    return y + jax.lax.cond(route == 1, spilled, lambda xs, p: jnp.zeros_like(xs), xs, p)
+  return jax.lax.cond(route == 2, blocks, windows, xs, p)
 
 
 GROUPED_MATMULS = ('windows', 'blocks', 'ragged_dot')
