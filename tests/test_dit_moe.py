@@ -39,9 +39,11 @@ def test_moe_training_step_logs_routing_metrics(tiny_config, tmp_path, data_dir)
   cfg.update(total_steps=2, checkpoint_every=0)
   metrics = trainer.train(cfg, str(tmp_path))
   for key in ('moe_aux_loss', 'moe_router_entropy', 'moe_dropped_fraction', 'moe_max_load',
-              'moe_window_overflow', 'moe_load/expert00', 'diffusion_loss'):
+              'moe_window_spill', 'moe_window_overflow', 'moe_load/expert00', 'diffusion_loss'):
     assert key in metrics, key
-  assert metrics['moe_window_overflow'] in (0.0, 0.5, 1.0)  # share of the 2 MoE layers
+  for key in ('moe_window_spill', 'moe_window_overflow'):  # shares of the 2 MoE layers
+    assert metrics[key] in (0.0, 0.5, 1.0), key
+  assert metrics['moe_window_spill'] + metrics['moe_window_overflow'] <= 1.0
   loads = [metrics[f'moe_load/expert{i:02d}'] for i in range(4)]
   np.testing.assert_allclose(sum(loads), 1.0, rtol=1e-5)
   np.testing.assert_allclose(metrics['loss'], metrics['diffusion_loss'] + metrics['moe_aux_loss'],

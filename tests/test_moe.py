@@ -212,7 +212,7 @@ def test_windows_spill_or_fall_back_to_blocks_when_groups_overflow(kind):
   ref_grads = jax.grad(lambda xs, p: jnp.sum(
       experts.blocked_ffn(xs, args[1], args[2], p, kind) * target), argnums=(0, 1))(xs, p)
   # (window, spill rows, route): fits; one group spills; two groups spill; a spill too
-  # small and no spill at all (blocks); a window of all rows (no switch at all).
+  # small and no spill at all (blocks); a window of all rows (no cond at all).
   cases = ((17, 8, 0), (8, 16, 1), (1, 16, 1), (4, 8, 2), (8, 0, 2), (len(ids), 0, 0))
   for window, spill_rows, route in cases:
     assert int(experts.window_route(jnp.asarray(sizes), window, spill_rows)) == route
@@ -229,7 +229,7 @@ def test_windows_spill_or_fall_back_to_blocks_when_groups_overflow(kind):
   assert [int(experts.window_route(jnp.asarray([9] * j + [0] * (16 - j)), 8, 64))
           for j in (4, 5)] == [1, 2]
   assert experts.window_rows(1024, 8, 1.5) == 192 and experts.window_rows(20, 8, 1.5) == 8
-  assert experts.window_rows(16, 2, 1.5) == 16  # a window of all rows: no switch needed
+  assert experts.window_rows(16, 2, 1.5) == 16  # a window of all rows: no cond needed
 
 
 @pytest.mark.parametrize('field,value,message', [
