@@ -346,3 +346,34 @@ def test_tick_labels_stay_distinct():
   labels = plots.tick_labels(ticks)
   assert len(ticks) == 6 and len(set(labels)) == len(labels)
   assert all(abs(float(t) - v) < 1e-9 for t, v in zip(labels, ticks))
+
+
+# ----------------------------------------------------------------------------- copying
+
+
+def _copying_script():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'lm_copying', os.path.join(REPO, 'scripts', 'lm_copying.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_copying_batches_repeat_with_their_period_and_the_loop_runs(text_data_dir, tmp_path):
+  copying = _copying_script()
+  stream = np.arange(1000) % 97  # no period shorter than 97: a copy can only be P back
+  tokens, periods = copying.tiled_batch(np.random.default_rng(0), stream, 16, 64, 3, 20)
+  assert tokens.shape == (16, 65) and len(set(periods.tolist())) > 3
+  for row, p in zip(tokens, periods):
+    np.testing.assert_array_equal(row[p:], row[:-p])  # each row repeats with its period
+    assert len(set(row[:p].tolist())) == p  # ...and not sooner
+  out = tmp_path / 'copying.json'
+  copying.main(['--variant=tiny', '--steps=2', '--log_every=1', f'--data_dir={text_data_dir}',
+                '--min_period=4', '--max_period=8', f'--out={out}'])
+  with open(out) as f:
+    result = json.load(f)
+  assert [r['step'] for r in result['curve']] == [1, 2]
+  # Two steps from init: both losses are near uniform over 128 characters.
+  for r in result['curve']:
+    assert abs(r['first_period'] - np.log(128)) < 1.5 and abs(r['repeats'] - np.log(128)) < 1.5
