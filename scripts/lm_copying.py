@@ -11,10 +11,10 @@ drives the loss on the repeats towards 0 whatever P is. A fixed period can also 
 position alone (attend exactly P - 1 back); varying it rules that out. The paper's LookUp and
 cipher evaluations both need such a circuit, so this isolates the mechanism they rest on.
 
-The model, its embedding mode and the optimizer are the config's (demo by default: AdamW, the
-cosine schedule, gradient clipping); --steps sets the schedule's length. Prints the mean
-per-position loss on the first period and on the repeats every --log_every steps and writes
-the curve as JSON.
+The model, its embedding mode and the optimizer (jaxgen.optim) are the config's (demo by
+default: AdamW, warmup and cosine decay, gradient clipping); --steps sets the schedule's
+length. Prints the mean loss on the first period and on the repeats every --log_every steps
+and writes the curve as JSON.
 """
 import argparse
 import json
@@ -28,6 +28,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lexinvariant  # noqa: E402
+from jaxgen import optim  # noqa: E402
 from jaxgen.analysis import lm_eval  # noqa: E402
 from jaxgen.families import lm  # noqa: E402
 
@@ -63,12 +64,9 @@ def train(args):
   if args.data_dir:
     config.data.data_dir = args.data_dir
   family = lm.Family(config)
-  o, length, batch = config.optim, config.data.seq_len, config.batch_size
+  length, batch = config.data.seq_len, config.batch_size
   stream = lm_eval.split_tokens(config.data, 'train')
-  schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, args.steps,
-                                                o.lr * o.end_lr_ratio)
-  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                   optax.adamw(schedule, b2=o.b2, weight_decay=o.weight_decay))
+  tx, _ = optim.make_optimizer(config.optim, args.steps)
   params = family.init_params(jax.random.PRNGKey(args.seed))
   opt_state = tx.init(params)
 
