@@ -45,7 +45,10 @@ def parse_args(argv=None):
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--data_dir', default=None, help='where the prepared text dataset lives')
   p.add_argument('--out', default=None, help='JSON file for the loss curve')
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if not 1 <= args.min_period <= args.max_period:
+    p.error(f'need 1 <= --min_period <= --max_period, got {args.min_period} and {args.max_period}')
+  return args
 
 
 def tiled_batch(rng, stream, batch, length, min_period, max_period):

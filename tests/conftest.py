@@ -27,6 +27,15 @@ def load_config(path, arg):
   return load(path, arg)
 
 
+def load_script(name):
+  """scripts/<name>.py imported as a module (the scripts are not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'scripts', name + '.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def tree_norm(tree):
   """The L2 norm of a pytree, in NumPy float64: eager jnp ops (optax.tree.norm outside jit)
   compile a program per leaf shape, ~20 ms each."""

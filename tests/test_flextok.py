@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax.core import FrozenDict
 
-from conftest import load_config, run_cli, tree_norm
+from conftest import load_config, load_script, run_cli, tree_norm
 from jaxgen import families
 from jaxgen.errors import UserError
 from jaxgen.models import flextok, registers
@@ -244,11 +244,7 @@ def test_tiny_cli_trains_samples_and_evaluates(tiny_vae, data_dir, tmp_path):
   assert evals and 0 < evals[-1]['eval/token_usage'] <= 1
   assert os.path.exists(f'{workdir}/samples/step_0000004.png')
   # The coarse-to-fine experiment script on this checkpoint.
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'k_sweep', os.path.join(os.path.dirname(__file__), '..', 'scripts', 'flextok_k_sweep.py'))
-  k_sweep = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(k_sweep)
+  k_sweep = load_script('flextok_k_sweep')
   out = tmp_path / 'sweep'
   result = k_sweep.main([f'--workdir={workdir}', f'--out={out}', '--num=6', '--batch_size=4',
                          f'--data_dir={data_dir}'])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, cli_env, load_config
+from conftest import REPO, cli_env, load_config, load_script
 from jaxgen import trainer
 from jaxgen.analysis import cipher, lexinvariant, lm_eval, lm_perplexity, plots, reasoning
 from jaxgen.data import tokenizers
@@ -351,23 +351,16 @@ def test_tick_labels_stay_distinct():
 # ----------------------------------------------------------------------------- copying
 
 
-def _copying_script():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'lm_copying', os.path.join(REPO, 'scripts', 'lm_copying.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_copying_batches_repeat_with_their_period_and_the_loop_runs(text_data_dir, tmp_path):
-  copying = _copying_script()
+  copying = load_script('lm_copying')
   stream = np.arange(1000) % 97  # no period shorter than 97: a copy can only be P back
   tokens, periods = copying.tiled_batch(np.random.default_rng(0), stream, 16, 64, 3, 20)
   assert tokens.shape == (16, 65) and len(set(periods.tolist())) > 3
   for row, p in zip(tokens, periods):
     np.testing.assert_array_equal(row[p:], row[:-p])  # each row repeats with its period
     assert len(set(row[:p].tolist())) == p  # ...and not sooner
+  with pytest.raises(SystemExit):  # argparse's one-line error
+    copying.parse_args(['--min_period=9', '--max_period=8'])
   out = tmp_path / 'copying.json'
   copying.main(['--variant=tiny', '--steps=2', '--log_every=1', f'--data_dir={text_data_dir}',
                 '--min_period=4', '--max_period=8', f'--out={out}'])

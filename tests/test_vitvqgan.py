@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config, tree_norm
+from conftest import load_config, load_script, tree_norm
 from jaxgen import families, sharding, train_state
 from jaxgen.models import layers, vitvqgan
 
@@ -261,11 +261,7 @@ def test_unknown_variant_is_one_clear_error():
 def test_ablation_script_writes_its_table(tmp_path, data_dir):
   """The Table-4 script: its arms differ only in the quantizer, and one arm runs end to end
   on the tiny config (trained, evaluated, saved as JSON and a chart)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'ablation', os.path.join(os.path.dirname(__file__), '..', 'scripts', 'vitvqgan_ablation.py'))
-  ablation = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(ablation)
+  ablation = load_script('vitvqgan_ablation')
   out = tmp_path / 'ablation'
   args = [f'--out={out}', '--variant=demo', '--steps=2', '--eval_batches=1',
           f'--data_dir={data_dir}']
