@@ -43,6 +43,10 @@ def parse_args(argv=None):
   p.add_argument('--max_period', type=int, default=96)
   p.add_argument('--log_every', type=int, default=100)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--shared_table_steps', type=int, default=0,
+                 help='lexinvariant: one fixed table for the first N steps (the table warmup)')
+  p.add_argument('--random_tokens', action='store_true',
+                 help='tile uniformly random tokens instead of Shakespeare (no n-gram statistics)')
   p.add_argument('--data_dir', default=None, help='where the prepared text dataset lives')
   p.add_argument('--out', default=None, help='JSON file for the loss curve')
   args = p.parse_args(argv)
@@ -66,17 +70,21 @@ def train(args):
   config = lexinvariant.get_config(arg)
   if args.data_dir:
     config.data.data_dir = args.data_dir
+  config.model.shared_table_steps = args.shared_table_steps
   family = lm.Family(config)
   length, batch = config.data.seq_len, config.batch_size
   stream = lm_eval.split_tokens(config.data, 'train')
+  if args.random_tokens:
+    stream = np.random.default_rng(args.seed).integers(0, config.data.vocab_size, len(stream))
   tx, _ = optim.make_optimizer(config.optim, args.steps)
   params = family.init_params(jax.random.PRNGKey(args.seed))
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, tokens, key):
+  def step(params, opt_state, tokens, key, i):
     def loss_fn(p):
-      losses, _ = family.token_losses(p, tokens[:, :-1], tokens[:, 1:], key)
+      losses, _ = family.token_losses(p, tokens[:, :-1], tokens[:, 1:], key,
+                                      shared_table=i < args.shared_table_steps)
       return losses.mean(), losses
     (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -86,7 +94,7 @@ def train(args):
   curve, first, repeats = [], [], []
   for i in range(args.steps):
     tokens, periods = tiled_batch(rng, stream, batch, length, args.min_period, args.max_period)
-    params, opt_state, losses = step(params, opt_state, tokens, jax.random.fold_in(key, i))
+    params, opt_state, losses = step(params, opt_state, tokens, jax.random.fold_in(key, i), i)
     losses = np.asarray(losses)
     # target t is token t + 1: a copy once t + 1 >= P.
     is_copy = np.arange(length)[None, :] + 1 >= periods[:, None]
@@ -101,6 +109,7 @@ def train(args):
       print(f"{arg} step {row['step']:5d}  {row['seconds']:7.1f}s  loss: first period "
             f"{row['first_period']:.3f}  repeats {row['repeats']:.3f}", flush=True)
   return {'config': f'configs/lexinvariant.py:{arg}', 'steps': args.steps,
+          'shared_table_steps': args.shared_table_steps, 'random_tokens': args.random_tokens,
           'batch_size': batch, 'seq_len': length,
           'period': [args.min_period, args.max_period], 'curve': curve}
 

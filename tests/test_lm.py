@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxgen import sampling
@@ -123,6 +124,38 @@ def test_standard_mode_does_not_depend_on_the_table_rng(tiny_lm_config):
   a, _ = fam_li.loss(params, batch, jax.random.PRNGKey(1), train=True)
   b, _ = fam_li.loss(params, batch, jax.random.PRNGKey(2), train=True)
   assert abs(float(a) - float(b)) > 1e-4
+
+
+def test_table_warmup_shares_one_fixed_table_then_draws_fresh_ones(tiny_lm_config):
+  cfg = tiny_lm_config('lexinvariant')
+  cfg.model.shared_table_steps = 3
+  fam = lm_family.Family(cfg)
+  shared = [np.asarray(fam.tables(jax.random.PRNGKey(k), 4, jnp.bool_(True))) for k in (1, 2)]
+  np.testing.assert_array_equal(shared[0], shared[1])  # the same table at every step...
+  assert all(np.array_equal(shared[0][0], row) for row in shared[0])  # ...and in every row
+  fresh = np.asarray(fam.tables(jax.random.PRNGKey(1), 4, jnp.bool_(False)))
+  np.testing.assert_array_equal(fresh, fam.tables(jax.random.PRNGKey(1), 4))
+  assert not np.allclose(fresh[0], shared[0][0])
+  params = fam.init_params(jax.random.PRNGKey(0))
+  batch = _batch(fam)
+  train_loss = jax.jit(lambda rng, step: fam.train_loss(params, batch, rng, step)[0])
+  # Before step 3 the loss ignores the rng (one fixed table) and is the shared table's loss;
+  # from step 3 it is the ordinary loss with fresh tables.
+  rng1, rng2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  assert float(train_loss(rng1, 2)) == float(train_loss(rng2, 0))
+  logits = fam.apply(params, batch['inputs'], shared[0])
+  want = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets']).mean()
+  np.testing.assert_allclose(float(train_loss(rng1, 2)), float(want), rtol=1e-5)
+  for rng in (rng1, rng2):
+    np.testing.assert_allclose(float(train_loss(rng, 3)),
+                               float(fam.loss(params, batch, rng, train=True)[0]), rtol=1e-6)
+  assert float(train_loss(rng1, 3)) != float(train_loss(rng2, 3))
+  from jaxgen.errors import UserError
+  for mode, steps in (('standard', 3), ('semi', 3), ('lexinvariant', -1)):
+    bad = tiny_lm_config(mode)
+    bad.model.shared_table_steps = steps
+    with pytest.raises(UserError, match='shared_table_steps'):
+      lm_family.Family(bad)
 
 
 def test_loss_is_the_mean_next_token_cross_entropy(tiny_lm_config):

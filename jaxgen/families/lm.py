@@ -3,7 +3,8 @@
 config.model.embedding picks the mode:
   standard      learned embedding table, tied readout;
   lexinvariant  a fresh N(0, I) table per sequence (from a per-sequence key), tied readout
-                (config.model.table=orthogonal: random orthogonal rows of the same scale);
+                (config.model.table=orthogonal: random orthogonal rows of the same scale;
+                config.model.shared_table_steps=N: one fixed table for the first N steps);
   semi          standard embeddings, trained on sequences where a Bernoulli(p) subset of
                 positions goes through a random per-sequence vocabulary permutation.
 """
@@ -20,6 +21,7 @@ from jaxgen.families.base import FamilyBase
 from jaxgen.models import lm
 
 MODES = ('standard', 'lexinvariant', 'semi')
+SHARED_TABLE_SALT = 0x7AB1E  # folded into the config seed: the warmup's one table
 
 
 def permute_subset(tokens, rng, p, vocab_size):
@@ -45,6 +47,10 @@ class Family(FamilyBase):
     self.table = m.get('table', 'gaussian')  # workdirs saved before the option: gaussian
     if self.table not in lm.TABLES:
       raise UserError(f'unknown --config.model.table={self.table!r}: use one of {lm.TABLES}')
+    warmup = m.get('shared_table_steps', 0)
+    if warmup < 0 or (warmup and self.mode != 'lexinvariant'):
+      raise UserError(f'--config.model.shared_table_steps={warmup}: a number of steps >= 0, '
+                      'and only for embedding=lexinvariant (the others have no random tables)')
     if self.table == 'orthogonal' and m.width < d.vocab_size:
       raise UserError(f'--config.model.table=orthogonal needs model.width >= the vocabulary '
                       f'({m.width} < {d.vocab_size}): use table=gaussian or a wider model')
@@ -57,9 +63,16 @@ class Family(FamilyBase):
         dtype=jnp.dtype(m.dtype))
 
   # -- the model ----------------------------------------------------------------
-  def tables(self, rng, batch_size):
-    """Per-sequence random tables (lexinvariant mode), else None: row i uses split(rng)[i]."""
-    return self.tables_from_keys(jax.random.split(rng, batch_size))
+  def tables(self, rng, batch_size, shared=False):
+    """Per-sequence random tables (lexinvariant mode), else None: row i uses split(rng)[i].
+
+    shared (a traced bool) instead gives every row the one table of a fixed key, the same at
+    every step: the table warmup of `config.model.shared_table_steps`."""
+    keys = jax.random.split(rng, batch_size)
+    if shared is not False:
+      fixed = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), SHARED_TABLE_SALT)
+      keys = jnp.where(shared, jnp.broadcast_to(fixed, keys.shape), keys)
+    return self.tables_from_keys(keys)
 
   def tables_from_keys(self, keys):
     """One random table per key [B] (config.model.table: gaussian or orthogonal), else None."""
@@ -75,12 +88,19 @@ class Family(FamilyBase):
     tokens = jnp.zeros((1, 8), jnp.int32)
     return self.model.init(rng, tokens, self.tables(rng, 1))['params']
 
-  def token_losses(self, params, inputs, targets, rng):
-    """Next-token cross entropy [B, T] and logits, with this batch's tables from `rng`."""
-    logits = self.apply(params, inputs, self.tables(rng, inputs.shape[0]))
+  def token_losses(self, params, inputs, targets, rng, shared_table=False):
+    """Next-token cross entropy [B, T] and logits, with this batch's tables from `rng` (or
+    the one shared table, see `tables`)."""
+    logits = self.apply(params, inputs, self.tables(rng, inputs.shape[0], shared_table))
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets), logits
 
-  def loss(self, params, batch, rng, train):
+  def train_loss(self, params, batch, rng, step):
+    """The loss with fresh tables, or the shared one for the first `shared_table_steps`."""
+    warmup = self.config.model.get('shared_table_steps', 0)
+    shared = step < warmup if self.mode == 'lexinvariant' and warmup else False
+    return self.loss(params, batch, rng, train=True, shared_table=shared)
+
+  def loss(self, params, batch, rng, train, shared_table=False):
     table_rng, semi_rng = jax.random.split(rng)
     inputs, targets = batch['inputs'], batch['targets']
     metrics = {}
@@ -90,7 +110,7 @@ class Family(FamilyBase):
                                     self.config.data.vocab_size)
       inputs, targets = window[:, :-1], window[:, 1:]
       metrics['permuted_fraction'] = mask.mean()
-    losses, logits = self.token_losses(params, inputs, targets, table_rng)
+    losses, logits = self.token_losses(params, inputs, targets, table_rng, shared_table)
     loss = losses.mean()
     accuracy = (jnp.argmax(logits, -1) == targets).mean()
     return loss, dict(metrics, accuracy=accuracy, bits_per_token=loss / jnp.log(2.0))
