@@ -11,6 +11,10 @@ drives the loss on the repeats towards 0 whatever P is. A fixed period can also 
 position alone (attend exactly P - 1 back); varying it rules that out. The paper's LookUp and
 cipher evaluations both need such a circuit, so this isolates the mechanism they rest on.
 
+--shared_table_steps=N gives the lexinvariant model one fixed table for its first N steps
+(config.model.shared_table_steps); --random_tokens tiles uniformly random tokens instead, so
+there are no n-gram statistics to learn. Measured: benchmarks/measured/cpu_lm_copying.json.
+
 The model, its embedding mode and the optimizer (jaxgen.optim) are the config's (demo by
 default: AdamW, warmup and cosine decay, gradient clipping); --steps sets the schedule's
 length. Prints the mean loss on the first period and on the repeats every --log_every steps
