@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from jaxgen import trainer  # noqa: E402
+from jaxgen import config_base, trainer  # noqa: E402
 
 COLUMNS = (
     ('config', 'config'), ('dtype', 'dtype'), ('batch', 'batch'), ('params', 'params'),
@@ -35,19 +35,8 @@ def parse_args(argv=None):
 
 
 def make_config(variant, batch, dtype, steps, family='dit', overrides=()):
-  config = common.load_config_module(family).get_config(variant)
-  for item in overrides:
-    key, value = item.split('=', 1)
-    parent = config
-    *path, leaf = key.split('.')
-    for name in path:
-      parent = parent[name]
-    old = parent[leaf]
-    if isinstance(old, bool):
-      value = value.lower() in ('1', 'true', 'yes')
-    elif old is not None:
-      value = type(old)(value)
-    parent[leaf] = value
+  config = config_base.apply_overrides(common.load_config_module(family).get_config(variant),
+                                       overrides)
   config.batch_size = batch
   config.model.dtype = dtype
   config.total_steps = max(config.total_steps, steps)  # only shapes the lr schedule

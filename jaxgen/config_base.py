@@ -1,10 +1,12 @@
 """Defaults shared by every family's config; `configs/<family>.py` overrides them."""
+import ast
 import importlib.util
 import os
 
 import ml_collections
 
 from jaxgen import sharding
+from jaxgen.errors import UserError
 from jaxgen.data.config import default_data_config
 
 
@@ -58,3 +60,39 @@ def load_config(path, arg):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def apply_overrides(config, items):
+  """Sets each 'a.b.c=value' of `items` in `config`, the value parsed as the current value's
+  type (see _parse_like); a key the config lacks, or a value that does not parse, is a
+  UserError (one line naming the override)."""
+  for item in items:
+    key, sep, value = item.partition('=')
+    *path, leaf = key.split('.')
+    parent = config
+    try:
+      for name in path:
+        parent = parent[name]
+      old = parent[leaf]
+    except (KeyError, TypeError):
+      raise UserError(f'config override {item!r}: the config has no {key!r}; '
+                      'write KEY=VALUE with a dotted key it has, e.g. model.width=512') from None
+    if not sep:
+      raise UserError(f'config override {item!r}: write KEY=VALUE, e.g. {key}={old}')
+    parent[leaf] = _parse_like(old, value, item)
+  return config
+
+
+def _parse_like(old, value, item):
+  """`value` (a string) as the type of `old`: bool from true/false/1/0/yes/no, a tuple or list
+  from its Python literal, a number by its type; a string, or anything when `old` is None."""
+  try:
+    if isinstance(old, bool):
+      return {'1': True, 'true': True, 'yes': True,
+              '0': False, 'false': False, 'no': False}[value.lower()]
+    if isinstance(old, (tuple, list)):
+      return type(old)(ast.literal_eval(value))
+    return value if old is None else type(old)(value)
+  except (KeyError, ValueError, SyntaxError, TypeError):
+    raise UserError(f'config override {item!r}: {value!r} is not a {type(old).__name__} '
+                    f'like the current value {old!r}') from None

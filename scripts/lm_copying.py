@@ -32,8 +32,9 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lexinvariant  # noqa: E402
-from jaxgen import optim  # noqa: E402
+from jaxgen import config_base, optim  # noqa: E402
 from jaxgen.analysis import lm_eval  # noqa: E402
+from jaxgen.errors import UserError  # noqa: E402
 from jaxgen.families import lm  # noqa: E402
 
 
@@ -51,12 +52,31 @@ def parse_args(argv=None):
                  help='lexinvariant: one fixed table for the first N steps (the table warmup)')
   p.add_argument('--random_tokens', action='store_true',
                  help='tile uniformly random tokens instead of Shakespeare (no n-gram statistics)')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='config override, e.g. model.width=512 or model.dtype=bfloat16 (repeatable)')
   p.add_argument('--data_dir', default=None, help='where the prepared text dataset lives')
   p.add_argument('--out', default=None, help='JSON file for the loss curve')
   args = p.parse_args(argv)
   if not 1 <= args.min_period <= args.max_period:
     p.error(f'need 1 <= --min_period <= --max_period, got {args.min_period} and {args.max_period}')
+  try:
+    make_config(args)
+  except UserError as e:
+    p.error(str(e))
   return args
+
+
+def config_arg(args):
+  return f'{args.variant},{args.embedding}' + (',rope' if args.position == 'rope' else '')
+
+
+def make_config(args):
+  """The config's model and optimizer, with the table warmup and the --set overrides."""
+  config = lexinvariant.get_config(config_arg(args))
+  if args.data_dir:
+    config.data.data_dir = args.data_dir
+  config.model.shared_table_steps = args.shared_table_steps
+  return config_base.apply_overrides(config, args.set)
 
 
 def tiled_batch(rng, stream, batch, length, min_period, max_period):
@@ -70,11 +90,7 @@ def tiled_batch(rng, stream, batch, length, min_period, max_period):
 
 
 def train(args):
-  arg = f'{args.variant},{args.embedding}' + (',rope' if args.position == 'rope' else '')
-  config = lexinvariant.get_config(arg)
-  if args.data_dir:
-    config.data.data_dir = args.data_dir
-  config.model.shared_table_steps = args.shared_table_steps
+  arg, config = config_arg(args), make_config(args)
   family = lm.Family(config)
   length, batch = config.data.seq_len, config.batch_size
   stream = lm_eval.split_tokens(config.data, 'train')
@@ -114,7 +130,9 @@ def train(args):
             f"{row['first_period']:.3f}  repeats {row['repeats']:.3f}", flush=True)
   return {'config': f'configs/lexinvariant.py:{arg}', 'steps': args.steps,
           'shared_table_steps': args.shared_table_steps, 'random_tokens': args.random_tokens,
-          'batch_size': batch, 'seq_len': length,
+          'overrides': args.set, 'batch_size': batch, 'seq_len': length,
+          'model': {k: config.model[k] for k in ('width', 'depth', 'num_heads', 'dtype')},
+          'parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
           'period': [args.min_period, args.max_period], 'curve': curve}
 
 

@@ -41,6 +41,24 @@ def test_bad_config_is_one_line(args, expect):
   assert expect in _one_error_line(run_cli(*args))
 
 
+def test_overrides_parse_by_the_current_type_and_reject_bad_ones():
+  from jaxgen import config_base
+  from jaxgen.errors import UserError
+  config = config_base.load_config('configs/lexinvariant.py', 'tiny')
+  config_base.apply_overrides(config, ['model.width=48', 'optim.lr=3e-3', 'model.dtype=bfloat16',
+                                       'progress_bar=true'])
+  assert (config.model.width, config.optim.lr, config.model.dtype) == (48, 3e-3, 'bfloat16')
+  assert config.progress_bar is True and isinstance(config.model.width, int)
+  for bad, expect in [('model.no_such=1', "no 'model.no_such'"),
+                      ('model.width.x=1', "no 'model.width.x'"),
+                      ('model.width', 'write KEY=VALUE'),
+                      ('model.width=wide', "'wide' is not a int"),
+                      ('progress_bar=maybe', "'maybe' is not a bool")]:
+    with pytest.raises(UserError, match=expect):
+      config_base.apply_overrides(config, [bad])
+  assert config.model.width == 48  # a rejected override changes nothing
+
+
 def test_batch_not_divisible_by_mesh():
   proc = run_cli(TINY, '--config.batch_size=6', '--config.mesh.data=2', '--config.mesh.fsdp=2',
                  '--mode=info', devices=4)

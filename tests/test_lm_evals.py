@@ -359,16 +359,18 @@ def test_copying_batches_repeat_with_their_period_and_the_loop_runs(text_data_di
   for row, p in zip(tokens, periods):
     np.testing.assert_array_equal(row[p:], row[:-p])  # each row repeats with its period
     assert len(set(row[:p].tolist())) == p  # ...and not sooner
-  with pytest.raises(SystemExit):  # argparse's one-line error
-    copying.parse_args(['--min_period=9', '--max_period=8'])
+  for bad in (['--min_period=9', '--max_period=8'], ['--set=model.no_such=1']):
+    with pytest.raises(SystemExit):  # argparse's one-line error
+      copying.parse_args(bad)
   out = tmp_path / 'copying.json'
   copying.main(['--variant=tiny', '--steps=2', '--log_every=1', f'--data_dir={text_data_dir}',
                 '--min_period=4', '--max_period=8', '--shared_table_steps=1', '--random_tokens',
-                f'--out={out}'])
+                '--set=model.width=16', f'--out={out}'])
   with open(out) as f:
     result = json.load(f)
   assert [r['step'] for r in result['curve']] == [1, 2]
   assert result['shared_table_steps'] == 1 and result['random_tokens']
+  assert result['overrides'] == ['model.width=16'] and result['model']['width'] == 16
   # Two steps from init: both losses are near uniform over 128 characters.
   for r in result['curve']:
     assert abs(r['first_period'] - np.log(128)) < 1.5 and abs(r['repeats'] - np.log(128)) < 1.5
