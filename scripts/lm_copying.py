@@ -13,12 +13,17 @@ cipher evaluations both need such a circuit, so this isolates the mechanism they
 
 --shared_table_steps=N gives the lexinvariant model one fixed table for its first N steps
 (config.model.shared_table_steps); --random_tokens tiles uniformly random tokens instead, so
-there are no n-gram statistics to learn. Measured: benchmarks/measured/cpu_lm_copying.json.
+there are no n-gram statistics to learn. --natural_fraction=F makes a share F of each batch
+plain train windows, so the model is also a language model of the text; --lookup_examples=N
+scores the trained model on the paper's LookUp task (jaxgen.analysis.reasoning) with 1, 2 and
+3 pairs, which asks whether a copying circuit carries over to symbols uniform over the
+vocabulary. --set overrides any config field (model.width=512, model.dtype=bfloat16) for sweeps
+at other scales. Measured: benchmarks/measured/cpu_lm_copying.json.
 
 The model, its embedding mode and the optimizer (jaxgen.optim) are the config's (demo by
 default: AdamW, warmup and cosine decay, gradient clipping); --steps sets the schedule's
-length. Prints the mean loss on the first period and on the repeats every --log_every steps
-and writes the curve as JSON.
+length. Prints the mean loss on the first period, on the repeats (and on the plain windows)
+every --log_every steps and writes the curve as JSON.
 """
 import argparse
 import json
@@ -33,7 +38,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import lexinvariant  # noqa: E402
 from jaxgen import config_base, optim  # noqa: E402
-from jaxgen.analysis import lm_eval  # noqa: E402
+from jaxgen.analysis import lm_eval, reasoning  # noqa: E402
 from jaxgen.errors import UserError  # noqa: E402
 from jaxgen.families import lm  # noqa: E402
 
@@ -52,6 +57,10 @@ def parse_args(argv=None):
                  help='lexinvariant: one fixed table for the first N steps (the table warmup)')
   p.add_argument('--random_tokens', action='store_true',
                  help='tile uniformly random tokens instead of Shakespeare (no n-gram statistics)')
+  p.add_argument('--natural_fraction', type=float, default=0.0,
+                 help='share of each batch that is plain (untiled) Shakespeare windows')
+  p.add_argument('--lookup_examples', type=int, default=0,
+                 help='after training, score LookUp with 1, 2 and 3 pairs on this many examples')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                  help='config override, e.g. model.width=512 or model.dtype=bfloat16 (repeatable)')
   p.add_argument('--data_dir', default=None, help='where the prepared text dataset lives')
@@ -59,6 +68,8 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if not 1 <= args.min_period <= args.max_period:
     p.error(f'need 1 <= --min_period <= --max_period, got {args.min_period} and {args.max_period}')
+  if not 0 <= args.natural_fraction < 1:
+    p.error(f'--natural_fraction={args.natural_fraction}: need 0 <= f < 1 (some rows must repeat)')
   try:
     make_config(args)
   except UserError as e:
@@ -89,6 +100,19 @@ def tiled_batch(rng, stream, batch, length, min_period, max_period):
   return np.stack(rows).astype(np.int32), periods
 
 
+def natural_batch(rng, stream, batch, length):
+  """tokens [batch, length + 1]: plain train windows at random offsets."""
+  starts = rng.integers(0, len(stream) - length, batch)
+  return np.stack([stream[s:s + length + 1] for s in starts]).astype(np.int32)
+
+
+def lookup_accuracy(family, params, num_examples):
+  """The trained model's greedy LookUp accuracy {pairs: accuracy} (jaxgen.analysis.reasoning)."""
+  result = reasoning.evaluate({family.mode: (family, params)}, num_examples=num_examples,
+                              lookup_pairs=(1, 2), num_shown=0)
+  return {n: r['accuracy'][family.mode] for n, r in result['lookup_by_pairs'].items()}
+
+
 def train(args):
   arg, config = config_arg(args), make_config(args)
   family = lm.Family(config)
@@ -111,29 +135,39 @@ def train(args):
     return optax.apply_updates(params, updates), opt_state, losses
 
   rng, key, t0 = np.random.default_rng(args.seed), jax.random.PRNGKey(args.seed + 1), time.time()
-  curve, first, repeats = [], [], []
+  num_tiled = batch - int(round(args.natural_fraction * batch))
+  curve, logged = [], {'first_period': [], 'repeats': [], 'natural': []}
   for i in range(args.steps):
-    tokens, periods = tiled_batch(rng, stream, batch, length, args.min_period, args.max_period)
+    tokens, periods = tiled_batch(rng, stream, num_tiled, length, args.min_period,
+                                  args.max_period)
+    if num_tiled < batch:
+      tokens = np.concatenate([tokens, natural_batch(rng, stream, batch - num_tiled, length)])
     params, opt_state, losses = step(params, opt_state, tokens, jax.random.fold_in(key, i), i)
-    losses = np.asarray(losses)
+    losses, natural = np.asarray(losses[:num_tiled]), np.asarray(losses[num_tiled:])
     # target t is token t + 1: a copy once t + 1 >= P.
     is_copy = np.arange(length)[None, :] + 1 >= periods[:, None]
-    first.append(losses[~is_copy].mean())
-    repeats.append(losses[is_copy].mean())
+    logged['first_period'].append(losses[~is_copy].mean())
+    logged['repeats'].append(losses[is_copy].mean())
+    if natural.size:
+      logged['natural'].append(natural.mean())
     if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
-      row = {'step': i + 1, 'seconds': round(time.time() - t0, 1),
-             'first_period': round(float(np.mean(first)), 4),
-             'repeats': round(float(np.mean(repeats)), 4)}
-      first, repeats = [], []
+      row = {'step': i + 1, 'seconds': round(time.time() - t0, 1)}
+      row.update({k: round(float(np.mean(v)), 4) for k, v in logged.items() if v})
+      logged = {k: [] for k in logged}
       curve.append(row)
-      print(f"{arg} step {row['step']:5d}  {row['seconds']:7.1f}s  loss: first period "
-            f"{row['first_period']:.3f}  repeats {row['repeats']:.3f}", flush=True)
+      print(f"{arg} step {row['step']:5d}  {row['seconds']:7.1f}s  loss: " +
+            '  '.join(f'{k} {row[k]:.3f}' for k in ('first_period', 'repeats', 'natural')
+                      if k in row), flush=True)
+  lookup = lookup_accuracy(family, params, args.lookup_examples) if args.lookup_examples else {}
+  if lookup:
+    print(f'{arg} LookUp accuracy by pairs: {lookup}', flush=True)
   return {'config': f'configs/lexinvariant.py:{arg}', 'steps': args.steps,
           'shared_table_steps': args.shared_table_steps, 'random_tokens': args.random_tokens,
           'overrides': args.set, 'batch_size': batch, 'seq_len': length,
           'model': {k: config.model[k] for k in ('width', 'depth', 'num_heads', 'dtype')},
           'parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
-          'period': [args.min_period, args.max_period], 'curve': curve}
+          'period': [args.min_period, args.max_period], 'natural_fraction': args.natural_fraction,
+          'curve': curve, 'lookup_accuracy': lookup}
 
 
 def main(argv=None):

@@ -359,13 +359,17 @@ def test_copying_batches_repeat_with_their_period_and_the_loop_runs(text_data_di
   for row, p in zip(tokens, periods):
     np.testing.assert_array_equal(row[p:], row[:-p])  # each row repeats with its period
     assert len(set(row[:p].tolist())) == p  # ...and not sooner
-  for bad in (['--min_period=9', '--max_period=8'], ['--set=model.no_such=1']):
+  plain = copying.natural_batch(np.random.default_rng(1), stream, 4, 64)
+  assert plain.shape == (4, 65) and np.all(np.diff(plain, axis=1) % 97 == 1)  # contiguous text
+  for bad in (['--min_period=9', '--max_period=8'], ['--set=model.no_such=1'],
+              ['--natural_fraction=1']):
     with pytest.raises(SystemExit):  # argparse's one-line error
       copying.parse_args(bad)
   out = tmp_path / 'copying.json'
   copying.main(['--variant=tiny', '--steps=2', '--log_every=1', f'--data_dir={text_data_dir}',
                 '--min_period=4', '--max_period=8', '--shared_table_steps=1', '--random_tokens',
-                '--set=model.width=16', f'--out={out}'])
+                '--set=model.width=16', '--natural_fraction=0.25', '--lookup_examples=4',
+                f'--out={out}'])
   with open(out) as f:
     result = json.load(f)
   assert [r['step'] for r in result['curve']] == [1, 2]
@@ -373,4 +377,8 @@ def test_copying_batches_repeat_with_their_period_and_the_loop_runs(text_data_di
   assert result['overrides'] == ['model.width=16'] and result['model']['width'] == 16
   # Two steps from init: both losses are near uniform over 128 characters.
   for r in result['curve']:
-    assert abs(r['first_period'] - np.log(128)) < 1.5 and abs(r['repeats'] - np.log(128)) < 1.5
+    for k in ('first_period', 'repeats', 'natural'):  # natural: the 2 plain rows of 8
+      assert abs(r[k] - np.log(128)) < 1.5, r
+  # 4 examples: each accuracy is a multiple of 1/4, at 1, 2 and 3 (the paper's) pairs.
+  assert set(result['lookup_accuracy']) == {'1', '2', '3'}
+  assert all(a * 4 == int(a * 4) and 0 <= a <= 1 for a in result['lookup_accuracy'].values())
