@@ -60,6 +60,7 @@ def get_config(arg='demo,lexinvariant'):
     c.data.update(tokenizer='spm', vocab_size=32768 if variant == '150M' else 1024)
   c.model = ml_collections.ConfigDict(dict(
       embedding=embedding, semi_p=0.2, table='gaussian', shared_table_steps=0,
+      shared_table_decay_steps=0,
       position='rope' if rope else 't5',
       width=256, depth=4, num_heads=4, mlp_dim=1024, mlp_kind='gelu', rel_buckets=32,
       rel_max_distance=128, logit_scale_init=1.0, dtype='float32'))

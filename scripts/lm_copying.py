@@ -12,7 +12,8 @@ position alone (attend exactly P - 1 back); varying it rules that out. The paper
 cipher evaluations both need such a circuit, so this isolates the mechanism they rest on.
 
 --shared_table_steps=N gives the lexinvariant model one fixed table for its first N steps
-(config.model.shared_table_steps); --random_tokens tiles uniformly random tokens instead, so
+(config.model.shared_table_steps), --shared_table_decay_steps=D then a linearly shrinking
+share of rows with it over D more steps; --random_tokens tiles uniformly random tokens instead, so
 there are no n-gram statistics to learn. --natural_fraction=F makes a share F of each batch
 plain train windows, so the model is also a language model of the text; --lookup_examples=N
 scores the trained model on the paper's LookUp task (jaxgen.analysis.reasoning) with 1, 2 and
@@ -32,6 +33,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -55,6 +57,9 @@ def parse_args(argv=None):
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--shared_table_steps', type=int, default=0,
                  help='lexinvariant: one fixed table for the first N steps (the table warmup)')
+  p.add_argument('--shared_table_decay_steps', type=int, default=0,
+                 help='lexinvariant: then shrink the share of rows with that table to 0 over D '
+                      'more steps')
   p.add_argument('--random_tokens', action='store_true',
                  help='tile uniformly random tokens instead of Shakespeare (no n-gram statistics)')
   p.add_argument('--natural_fraction', type=float, default=0.0,
@@ -87,6 +92,7 @@ def make_config(args):
   if args.data_dir:
     config.data.data_dir = args.data_dir
   config.model.shared_table_steps = args.shared_table_steps
+  config.model.shared_table_decay_steps = args.shared_table_decay_steps
   return config_base.apply_overrides(config, args.set)
 
 
@@ -126,28 +132,37 @@ def train(args):
 
   @jax.jit
   def step(params, opt_state, tokens, key, i):
+    shared = family.shared_rows(key, tokens.shape[0], i)
     def loss_fn(p):
       losses, _ = family.token_losses(p, tokens[:, :-1], tokens[:, 1:], key,
-                                      shared_table=i < args.shared_table_steps)
+                                      shared_table=shared)
       return losses.mean(), losses
     (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, losses
+    fresh = jnp.logical_not(jnp.broadcast_to(shared, (tokens.shape[0], 1)))[:, 0]
+    return optax.apply_updates(params, updates), opt_state, losses, fresh
 
   rng, key, t0 = np.random.default_rng(args.seed), jax.random.PRNGKey(args.seed + 1), time.time()
   num_tiled = batch - int(round(args.natural_fraction * batch))
-  curve, logged = [], {'first_period': [], 'repeats': [], 'natural': []}
+  # With a table warmup, 'repeats_fresh' is the loss on the repeats of the rows that drew fresh
+  # tables (the lexinvariant model proper), once the shared table's share falls below 1.
+  warmup = args.shared_table_steps or args.shared_table_decay_steps
+  curve, logged = [], {'first_period': [], 'repeats': [], 'repeats_fresh': [], 'natural': []}
   for i in range(args.steps):
     tokens, periods = tiled_batch(rng, stream, num_tiled, length, args.min_period,
                                   args.max_period)
     if num_tiled < batch:
       tokens = np.concatenate([tokens, natural_batch(rng, stream, batch - num_tiled, length)])
-    params, opt_state, losses = step(params, opt_state, tokens, jax.random.fold_in(key, i), i)
+    params, opt_state, losses, fresh = step(params, opt_state, tokens,
+                                            jax.random.fold_in(key, i), i)
     losses, natural = np.asarray(losses[:num_tiled]), np.asarray(losses[num_tiled:])
     # target t is token t + 1: a copy once t + 1 >= P.
     is_copy = np.arange(length)[None, :] + 1 >= periods[:, None]
     logged['first_period'].append(losses[~is_copy].mean())
     logged['repeats'].append(losses[is_copy].mean())
+    fresh_copy = is_copy & np.asarray(fresh)[:num_tiled, None]
+    if warmup and fresh_copy.any():
+      logged['repeats_fresh'].append(losses[fresh_copy].mean())
     if natural.size:
       logged['natural'].append(natural.mean())
     if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
@@ -156,13 +171,14 @@ def train(args):
       logged = {k: [] for k in logged}
       curve.append(row)
       print(f"{arg} step {row['step']:5d}  {row['seconds']:7.1f}s  loss: " +
-            '  '.join(f'{k} {row[k]:.3f}' for k in ('first_period', 'repeats', 'natural')
-                      if k in row), flush=True)
+            '  '.join(f'{k} {row[k]:.3f}' for k in logged if k in row), flush=True)
   lookup = lookup_accuracy(family, params, args.lookup_examples) if args.lookup_examples else {}
   if lookup:
     print(f'{arg} LookUp accuracy by pairs: {lookup}', flush=True)
   return {'config': f'configs/lexinvariant.py:{arg}', 'steps': args.steps,
-          'shared_table_steps': args.shared_table_steps, 'random_tokens': args.random_tokens,
+          'shared_table_steps': args.shared_table_steps,
+          'shared_table_decay_steps': args.shared_table_decay_steps,
+          'random_tokens': args.random_tokens,
           'overrides': args.set, 'batch_size': batch, 'seq_len': length,
           'model': {k: config.model[k] for k in ('width', 'depth', 'num_heads', 'dtype')},
           'parameters': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),

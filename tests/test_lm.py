@@ -151,11 +151,36 @@ def test_table_warmup_shares_one_fixed_table_then_draws_fresh_ones(tiny_lm_confi
                                float(fam.loss(params, batch, rng, train=True)[0]), rtol=1e-6)
   assert float(train_loss(rng1, 3)) != float(train_loss(rng2, 3))
   from jaxgen.errors import UserError
-  for mode, steps in (('standard', 3), ('semi', 3), ('lexinvariant', -1)):
-    bad = tiny_lm_config(mode)
-    bad.model.shared_table_steps = steps
-    with pytest.raises(UserError, match='shared_table_steps'):
-      lm_family.Family(bad)
+  for name in ('shared_table_steps', 'shared_table_decay_steps'):
+    for mode, steps in (('standard', 3), ('semi', 3), ('lexinvariant', -1)):
+      bad = tiny_lm_config(mode)
+      bad.model[name] = steps
+      with pytest.raises(UserError, match=name):
+        lm_family.Family(bad)
+
+
+def test_table_warmup_decay_shrinks_the_shared_share_linearly(tiny_lm_config):
+  cfg = tiny_lm_config('lexinvariant')
+  cfg.model.update(shared_table_steps=10, shared_table_decay_steps=4)
+  fam = lm_family.Family(cfg)
+  # 1 through step 9, then (14 - step) / 5 until it reaches 0 at step 14.
+  want = {0: 1, 9: 1, 10: 0.8, 11: 0.6, 13: 0.2, 14: 0, 100: 0}
+  for step, share in want.items():
+    np.testing.assert_allclose(float(fam.shared_table_share(step)), share, atol=1e-6)
+  rows = [np.asarray(fam.shared_rows(jax.random.PRNGKey(s), 4000, 11)) for s in (0, 1)]
+  assert rows[0].shape == (4000, 1) and abs(rows[0].mean() - 0.6) < 0.03
+  assert not np.array_equal(rows[0], rows[1])  # drawn afresh from each step's rng
+  for step, share in ((9, 1), (14, 0)):
+    assert np.asarray(fam.shared_rows(jax.random.PRNGKey(0), 64, step)).mean() == share
+  # The rows picked use the one shared table, the others their own fresh ones.
+  tables = np.asarray(fam.tables(jax.random.PRNGKey(3), 64, rows[0][:64]))
+  fixed = np.asarray(fam.tables(jax.random.PRNGKey(3), 1, jnp.bool_(True)))[0]
+  fresh = np.asarray(fam.tables(jax.random.PRNGKey(3), 64))
+  for i, shared in enumerate(rows[0][:64, 0]):
+    np.testing.assert_array_equal(tables[i], fixed if shared else fresh[i])
+  # Without a warmup no row is shared, and standard models have no tables to share.
+  for mode in ('lexinvariant', 'standard'):
+    assert lm_family.Family(tiny_lm_config(mode)).shared_rows(jax.random.PRNGKey(0), 8, 0) is False
 
 
 def test_loss_is_the_mean_next_token_cross_entropy(tiny_lm_config):

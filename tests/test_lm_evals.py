@@ -367,13 +367,16 @@ def test_copying_batches_repeat_with_their_period_and_the_loop_runs(text_data_di
       copying.parse_args(bad)
   out = tmp_path / 'copying.json'
   copying.main(['--variant=tiny', '--steps=2', '--log_every=1', f'--data_dir={text_data_dir}',
-                '--min_period=4', '--max_period=8', '--shared_table_steps=1', '--random_tokens',
+                '--min_period=4', '--max_period=8', '--shared_table_steps=1',
+                '--shared_table_decay_steps=2', '--random_tokens',
                 '--set=model.width=16', '--natural_fraction=0.25', '--lookup_examples=4',
                 f'--out={out}'])
   with open(out) as f:
     result = json.load(f)
   assert [r['step'] for r in result['curve']] == [1, 2]
   assert result['shared_table_steps'] == 1 and result['random_tokens']
+  assert result['shared_table_decay_steps'] == 2
+  assert 'repeats_fresh' not in result['curve'][0]  # step 1: every row has the shared table
   assert result['overrides'] == ['model.width=16'] and result['model']['width'] == 16
   # Two steps from init: both losses are near uniform over 128 characters.
   for r in result['curve']:

@@ -4,7 +4,9 @@ config.model.embedding picks the mode:
   standard      learned embedding table, tied readout;
   lexinvariant  a fresh N(0, I) table per sequence (from a per-sequence key), tied readout
                 (config.model.table=orthogonal: random orthogonal rows of the same scale;
-                config.model.shared_table_steps=N: one fixed table for the first N steps);
+                config.model.shared_table_steps=N: one fixed table for the first N steps,
+                and shared_table_decay_steps=D: then for a linearly shrinking share of the
+                sequences over D more steps);
   semi          standard embeddings, trained on sequences where a Bernoulli(p) subset of
                 positions goes through a random per-sequence vocabulary permutation.
 """
@@ -47,10 +49,11 @@ class Family(FamilyBase):
     self.table = m.get('table', 'gaussian')  # workdirs saved before the option: gaussian
     if self.table not in lm.TABLES:
       raise UserError(f'unknown --config.model.table={self.table!r}: use one of {lm.TABLES}')
-    warmup = m.get('shared_table_steps', 0)
-    if warmup < 0 or (warmup and self.mode != 'lexinvariant'):
-      raise UserError(f'--config.model.shared_table_steps={warmup}: a number of steps >= 0, '
-                      'and only for embedding=lexinvariant (the others have no random tables)')
+    for name in ('shared_table_steps', 'shared_table_decay_steps'):
+      steps = m.get(name, 0)
+      if steps < 0 or (steps and self.mode != 'lexinvariant'):
+        raise UserError(f'--config.model.{name}={steps}: a number of steps >= 0, and only for '
+                        'embedding=lexinvariant (the others have no random tables)')
     if self.table == 'orthogonal' and m.width < d.vocab_size:
       raise UserError(f'--config.model.table=orthogonal needs model.width >= the vocabulary '
                       f'({m.width} < {d.vocab_size}): use table=gaussian or a wider model')
@@ -66,8 +69,9 @@ class Family(FamilyBase):
   def tables(self, rng, batch_size, shared=False):
     """Per-sequence random tables (lexinvariant mode), else None: row i uses split(rng)[i].
 
-    shared (a traced bool) instead gives every row the one table of a fixed key, the same at
-    every step: the table warmup of `config.model.shared_table_steps`."""
+    shared (a traced bool, or bools [B, 1]) instead gives every row (each row where it is
+    True) the one table of a fixed key, the same at every step: the table warmup of
+    `config.model.shared_table_steps` (see shared_rows)."""
     keys = jax.random.split(rng, batch_size)
     if shared is not False:
       fixed = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), SHARED_TABLE_SALT)
@@ -94,10 +98,30 @@ class Family(FamilyBase):
     logits = self.apply(params, inputs, self.tables(rng, inputs.shape[0], shared_table))
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets), logits
 
+  def shared_table_share(self, step):
+    """The share of sequences trained with the one shared table at `step`: 1 for the first
+    N = shared_table_steps steps, then falling linearly to 0 over D = shared_table_decay_steps
+    more (at once when D = 0). Not in the paper: one table teaches n-gram statistics, which
+    build the copying circuit that fresh tables give no first-order signal for, and the slow
+    decay lets that circuit carry over to fresh tables (a sudden switch loses it on mixed
+    text; benchmarks/measured/cpu_lm_copying.json)."""
+    m = self.config.model
+    n, d = m.get('shared_table_steps', 0), m.get('shared_table_decay_steps', 0)
+    return jnp.clip((n + d - step) / (d + 1), 0.0, 1.0)
+
+  def shared_rows(self, rng, batch_size, step):
+    """Bools [B, 1] for `tables`: each row uses the shared table with probability
+    shared_table_share(step); False (fresh tables only) when there is no warmup."""
+    m = self.config.model
+    if self.mode != 'lexinvariant' or not (m.get('shared_table_steps', 0) or
+                                           m.get('shared_table_decay_steps', 0)):
+      return False
+    rng = jax.random.fold_in(rng, SHARED_TABLE_SALT)
+    return jax.random.uniform(rng, (batch_size, 1)) < self.shared_table_share(step)
+
   def train_loss(self, params, batch, rng, step):
-    """The loss with fresh tables, or the shared one for the first `shared_table_steps`."""
-    warmup = self.config.model.get('shared_table_steps', 0)
-    shared = step < warmup if self.mode == 'lexinvariant' and warmup else False
+    """The loss with fresh tables, or in the warmup the shared one for some rows."""
+    shared = self.shared_rows(rng, batch['inputs'].shape[0], step)
     return self.loss(params, batch, rng, train=True, shared_table=shared)
 
   def loss(self, params, batch, rng, train, shared_table=False):
