@@ -5,7 +5,7 @@ r"""Lexinvariant language models and their identical standard / semi-lexinvarian
   python -m jaxgen.analysis.lexinvariant perplexity --lexinvariant=workdirs/li \
       --standard=workdirs/std --out=workdirs/li_eval
 
-Argument: `<variant>[,<embedding>][,rope][,spm]`.
+Argument: `<variant>[,<embedding>][,rope][,spm][,copying]`.
   variant    tiny (tests, seconds) | demo (char-level Shakespeare; a lexinvariant and a standard
              model side by side: 36 min on 2 CPU cores) | 150M (the paper's model: 12 layers,
              8 heads x 128, MLP 4096, d 1024, length 512, Adafactor, cosine 0.01 -> 0.001,
@@ -15,6 +15,9 @@ Argument: `<variant>[,<embedding>][,rope][,spm]`.
   rope       rotary positions instead of T5 relative position bias
   spm        a SentencePiece subword vocabulary (1024; 32k for 150M) trained on the corpus
              first with `python -m jaxgen.data.tokenizers --vocab_size=N`
+  copying    a copying curriculum, not in the paper: half the training windows tiled
+             (data.tiled_fraction=0.5) and, for lexinvariant, the gradual table warmup
+             (shared_table_steps=600, shared_table_decay_steps=1400); see below
 
 --config.model.table=orthogonal draws each lexinvariant table as sqrt(d) x random orthonormal
 rows (needs width >= vocabulary) instead of the paper's N(0, I): at the demo's d = V = 128 it
@@ -43,16 +46,17 @@ def parse(arg):
   if variant not in VARIANTS:
     raise UserError(f'unknown lexinvariant variant {variant!r}: use one of {VARIANTS}, e.g. '
                     'configs/lexinvariant.py:demo,standard')
-  unknown = set(opts) - set(EMBEDDINGS) - {'rope', 'spm'}
+  unknown = set(opts) - set(EMBEDDINGS) - {'rope', 'spm', 'copying'}
   embeddings = [o for o in opts if o in EMBEDDINGS]
   if unknown or len(embeddings) > 1:
     raise UserError(f'bad options {opts} in configs/lexinvariant.py:{arg}: use at most one of '
-                    f'{EMBEDDINGS}, and rope, spm')
-  return variant, (embeddings or ['lexinvariant'])[0], 'rope' in opts, 'spm' in opts
+                    f'{EMBEDDINGS}, and rope, spm, copying')
+  return (variant, (embeddings or ['lexinvariant'])[0], 'rope' in opts, 'spm' in opts,
+          'copying' in opts)
 
 
 def get_config(arg='demo,lexinvariant'):
-  variant, embedding, rope, spm = parse(arg)
+  variant, embedding, rope, spm, copying = parse(arg)
   c = config_base.base_config()
   c.family = 'lm'
   c.data = text_data_config(seq_len=256)
@@ -86,11 +90,16 @@ def get_config(arg='demo,lexinvariant'):
              sample_every=1000, eval_every=1000, eval_batches=10)
     c.optim.update(lr=1e-2, b2=0.98, weight_decay=0.01, schedule='cosine', warmup_steps=100,
                    end_lr_ratio=0.1)
-  else:  # 150M, the paper's recipe
+  if variant == '150M':  # the paper's recipe
     c.data.seq_len = 512
     c.model.update(width=1024, depth=12, num_heads=8, mlp_dim=4096)
     c.update(total_steps=250_000, batch_size=64, log_every=100, checkpoint_every=5000,
              sample_every=10_000, eval_every=10_000)
     c.optim.update(name='adafactor', lr=0.01, schedule='cosine', end_lr_ratio=0.1,
                    warmup_steps=0)
+  if copying:  # periods of 16-96 tokens, shorter where the sequence is (tiny)
+    length = c.data.seq_len
+    c.data.update(tiled_fraction=0.5, tiled_period=(min(16, length // 2), min(96, length)))
+    if embedding == 'lexinvariant':
+      c.model.update(shared_table_steps=600, shared_table_decay_steps=1400)
   return c

@@ -349,3 +349,22 @@ def test_bad_config_arguments_are_one_line_errors(arg):
   from jaxgen.errors import UserError
   with pytest.raises(UserError, match='configs/lexinvariant.py'):
     load_config('configs/lexinvariant.py', arg)
+
+
+def test_copying_option_sets_the_curriculum_and_the_gradual_warmup():
+  from conftest import load_config
+  li = load_config('configs/lexinvariant.py', 'demo,lexinvariant,copying')
+  std = load_config('configs/lexinvariant.py', 'demo,standard,copying')
+  plain = load_config('configs/lexinvariant.py', 'demo,lexinvariant')
+  assert li.data.tiled_fraction == std.data.tiled_fraction == 0.5 and plain.data.tiled_fraction == 0
+  assert tuple(li.data.tiled_period) == (16, 96)
+  assert (li.model.shared_table_steps, li.model.shared_table_decay_steps) == (600, 1400)
+  assert std.model.shared_table_steps == std.model.shared_table_decay_steps == 0  # no tables
+  # Otherwise the same model and recipe as the plain demo.
+  for field in ('model.width', 'model.depth', 'optim.lr', 'total_steps', 'data.seq_len'):
+    section, name = field.split('.') if '.' in field else (None, field)
+    get = (lambda c: c[section][name]) if section else (lambda c: c[name])
+    assert get(li) == get(plain) == get(std), field
+  tiny = load_config('configs/lexinvariant.py', 'tiny,lexinvariant,copying')
+  assert tuple(tiny.data.tiled_period) == (16, 32)  # within tiny's 32-token sequences
+  lm_family.Family(tiny)

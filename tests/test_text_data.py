@@ -156,6 +156,39 @@ def test_windows_are_consecutive_slices_of_the_stream(text_data_dir):
 
 
 @needs_texts
+def test_tiled_fraction_tiles_that_share_of_training_windows(text_data_dir):
+  cfg = _cfg(text_data_dir, tiled_fraction=0.5, tiled_period=(3, 9))
+  stream = text.token_stream(cfg, 'train', tokenizers.make_tokenizer(cfg))
+  n = (len(stream) - 1) // 32
+  windows = np.stack([stream[k * 32:k * 32 + 33] for k in range(n)])
+  it = text.make_text_iterator(cfg, 'train', global_batch_size=64, seed=0)
+  batches = [next(it) for _ in range(2)]
+  periods = []
+  for batch in batches:
+    np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+    for row in np.concatenate([batch['inputs'], batch['targets'][:, -1:]], axis=1):
+      if (windows == row).all(axis=1).any():  # a plain window of the stream
+        continue
+      p = next(p for p in range(3, 10) if np.array_equal(row[p:], row[:-p]))
+      assert (windows[:, :p] == row[:p]).all(axis=1).any()  # a window's first p tokens, tiled
+      periods.append(p)
+  assert 40 <= len(periods) <= 88, len(periods)  # Binomial(128, 0.5): mean 64, sd 5.7
+  assert len(set(periods)) >= 5
+  again = next(text.make_text_iterator(cfg, 'train', global_batch_size=64, seed=0))
+  np.testing.assert_array_equal(again['inputs'], batches[0]['inputs'])
+  # Evaluation windows are never tiled.
+  batch = next(text.make_text_iterator(cfg, 'test', global_batch_size=4, seed=0, train=False))
+  test_stream = text.token_stream(cfg, 'test', tokenizers.CharTokenizer())
+  np.testing.assert_array_equal(batch['inputs'], test_stream[:128].reshape(4, 32))
+  for bad, match in (({'tiled_fraction': 1.5}, 'tiled_fraction'),
+                     ({'tiled_period': (9, 3)}, 'tiled_period'),
+                     ({'tiled_period': (4, 33)}, 'seq_len=32')):
+    with pytest.raises(UserError, match=match):
+      text.make_text_iterator(_cfg(text_data_dir, **{'tiled_fraction': 0.5, **bad}), 'train',
+                              global_batch_size=8, seed=0)
+
+
+@needs_texts
 def test_order_is_deterministic_and_resumes_exactly(text_data_dir):
   cfg = _cfg(text_data_dir)
   make = lambda seed: text.make_text_iterator(cfg, 'train', global_batch_size=8, seed=seed)

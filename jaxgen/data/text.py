@@ -30,6 +30,10 @@ def text_data_config(seq_len=256, tokenizer='char', vocab_size=128) -> ml_collec
   cfg.test_split = 'test'
   cfg.num_threads = 2
   cfg.prefetch = 4
+  # A copying curriculum (not in any paper): this share of training windows is replaced by
+  # the window's first P tokens tiled, P uniform in tiled_period (see TileSome).
+  cfg.tiled_fraction = 0.0
+  cfg.tiled_period = (16, 96)
   return cfg
 
 
@@ -106,6 +110,35 @@ class _Windows:
     return {'inputs': w[:-1], 'targets': w[1:]}
 
 
+class TileSome:
+  """grain random_map: with probability `fraction` a window becomes its first P tokens tiled to
+  its length, P uniform in [lo, hi], so every token from P on is a copy of the one P back; the
+  others pass unchanged. Rich in exact repeats, such windows teach the in-context copying
+  circuit (an induction head) that a small model does not find on plain text."""
+
+  def __init__(self, fraction, period):
+    self.fraction, (self.lo, self.hi) = fraction, period
+
+  def __call__(self, element, rng):
+    if rng.random() >= self.fraction:
+      return element
+    window = np.concatenate([element['inputs'], element['targets'][-1:]])
+    window = np.resize(window[:rng.integers(self.lo, self.hi + 1)], len(window))
+    return {'inputs': window[:-1], 'targets': window[1:]}
+
+
+def check_tiling(data_config):
+  """The copying curriculum's settings, or a UserError naming the field to fix."""
+  fraction, (lo, hi) = data_config.get('tiled_fraction', 0.0), data_config.get('tiled_period',
+                                                                              (16, 96))
+  if not 0 <= fraction <= 1:
+    raise UserError(f'--config.data.tiled_fraction={fraction}: a share of windows in [0, 1]')
+  if fraction and not 1 <= lo <= hi <= data_config.seq_len:
+    raise UserError(f'--config.data.tiled_period=({lo}, {hi}): need 1 <= lo <= hi <= '
+                    f'seq_len={data_config.seq_len}')
+  return fraction, (lo, hi)
+
+
 def make_text_iterator(data_config, split: str, *, global_batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1, train: bool = True):
   """Returns a grain DatasetIterator of {'inputs', 'targets'}: int32 [B, seq_len].
@@ -114,7 +147,8 @@ def make_text_iterator(data_config, split: str, *, global_batch_size: int, seed:
   multiples of seq_len), inputs = w[:-1] and targets = w[1:]. Windows are shuffled with `seed`
   (train) and repeated; B = global_batch_size // process_count, and process p takes batches
   p, p + n, ...: the processes' batches concatenated are the single-process global batch, as in
-  pipeline.make_iterator.
+  pipeline.make_iterator. Training windows are tiled with probability data_config.tiled_fraction
+  (TileSome; the same windows for the same seed, on resume too).
   """
   import grain
   from jaxgen.data.tokenizers import make_tokenizer
@@ -128,10 +162,13 @@ def make_text_iterator(data_config, split: str, *, global_batch_size: int, seed:
   if len(tokens) < seq_len + 1:
     raise UserError(f'split {split!r} of {data_config.name!r} has {len(tokens)} tokens, fewer '
                     f'than one window of --config.data.seq_len={seq_len} + 1')
+  fraction, period = check_tiling(data_config)
   ds = grain.MapDataset.source(_Windows(tokens, seq_len))
   if train:
     ds = ds.shuffle(seed=seed)  # Followed by repeat(): a fresh permutation every epoch.
   ds = ds.repeat()
+  if train and fraction:
+    ds = ds.random_map(TileSome(fraction, period), seed=seed)
   ds = ds.batch(global_batch_size // process_count,
                 drop_remainder=True)[process_index::process_count]
   read = grain.ReadOptions(num_threads=data_config.get('num_threads', 2),
