@@ -34,9 +34,9 @@ cpu_lm_copying.json); on the natural-text demo N = 2000 hurt: LookUp with 1 pair
 linearly to 0 over D more steps, which keeps the circuit where a sudden switch loses it.
 
 The `copying` option adds both to half-tiled training windows (--config.data.tiled_fraction).
-In a scratch loop equal to scripts/lm_copying.py --natural_fraction=0.5 --shared_table_steps=600
---shared_table_decay_steps=1400 (2600 steps), the lexinvariant model scored 73.8% on LookUp with
-3 pairs against 1.0% for the standard model on the same mix, at 4.59 nats of plain-text loss
+With scripts/lm_copying.py --natural_fraction=0.5 --shared_table_steps=600
+--shared_table_decay_steps=1400 --steps=2600, the lexinvariant model scored 81.7% on LookUp with
+3 pairs against 0.9% for the standard model on the same mix, at ~4.6 nats of plain-text loss
 (plain demo 4.12) (benchmarks/measured/cpu_lm_copying.json, copying_curriculum).
 """
 import ml_collections
