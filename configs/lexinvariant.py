@@ -37,7 +37,9 @@ The `copying` option adds both to half-tiled training windows (--config.data.til
 With scripts/lm_copying.py --natural_fraction=0.5 --shared_table_steps=600
 --shared_table_decay_steps=1400 --steps=2600, the lexinvariant model scored 81.7% on LookUp with
 3 pairs against 0.9% for the standard model on the same mix, at ~4.6 nats of plain-text loss
-(plain demo 4.12) (benchmarks/measured/cpu_lm_copying.json, copying_curriculum).
+(plain demo 4.12) (benchmarks/measured/cpu_lm_copying.json, copying_curriculum). Through the
+trainer, demo,lexinvariant,copying with --config.total_steps=2600 scores 86.6% with 3 pairs
+(benchmarks/measured/cpu_lexinvariant_demo_copying_eval.json); the cipher probe still gets 0.
 """
 import ml_collections
 
