@@ -56,8 +56,8 @@ def test_majority_vote_key_precision_on_a_hand_computed_example():
   # c: 'c' right. The plain space is no cipher symbol and does not count.
   assert cipher.key_precision(cipher_tokens, predictions, key) == pytest.approx(2 / 3)
   # Windows [0:3] (a: a/b tie -> 'a' right, b wrong) and [4:7] (a, c right, b wrong).
-  probe, _ = cipher.window_precisions(np.array(cipher_tokens), np.array(predictions), key,
-                                      cipher.LETTERS, [0, 4], 3)
+  probe, _, _ = cipher.window_precisions(np.array(cipher_tokens), np.array(predictions), key,
+                                         cipher.LETTERS, [0, 4], 3)
   np.testing.assert_allclose(probe, [1 / 2, 2 / 3])
   assert np.isnan(cipher.key_precision([32, 33], [97, 98], key))  # no cipher symbol
 
@@ -98,6 +98,23 @@ def test_frequency_decipherer_is_perfect_when_letter_ranks_match():
   swapped = order.copy()
   swapped[[3, 4]] = swapped[[4, 3]]
   assert cipher.frequency_precision(enc, key, swapped) == pytest.approx(24 / 26)
+
+
+def test_frequency_decipherer_over_the_text_so_far_sees_more_than_the_window():
+  key = np.arange(26) + 1
+  order = cipher.LETTERS  # 'a' the most frequent letter, then 'b', ...
+  #                  a  a  a  b  b  a  (plaintext)
+  enc = np.array([1, 1, 1, 2, 2, 1])
+  # The window [3:5] = 'bb' alone: one cipher symbol, ranked first, so guessed 'a': wrong.
+  # Counting [0:5]: a x3 -> 'a', b x2 -> 'b', and only b occurs in the window: right.
+  assert cipher.frequency_precision(enc[3:5], key, order) == 0.0
+  assert cipher.frequency_precision(enc[:5], key, order, enc[3:5]) == 1.0
+  # Window [4:6] = 'ba': a count tie that first occurrence breaks the wrong way; the text so far
+  # (a x4, b x2) gets both right.
+  probe, window, so_far = cipher.window_precisions(enc, enc, key, order, [3, 4], 2)
+  np.testing.assert_allclose(window, [0.0, 0.0])
+  np.testing.assert_allclose(so_far, [1.0, 1.0])
+  assert np.isnan(cipher.frequency_precision(enc, key, order, np.array([32, 33])))
 
 
 def test_cipher_refuses_standard_models(models):
@@ -230,6 +247,50 @@ def test_perplexity_curve_matches_a_float64_recomputation(models, monkeypatch):
   np.testing.assert_allclose(result['references']['in-context bigram']['perplexity'],
                              np.exp(lm_perplexity.in_context_losses(windows, d.vocab_size, 2)
                                     .mean(0)))
+  readout = result['references'][lm_perplexity.READOUT_REFERENCE]
+  lexinvariant_family = pairs['lexinvariant'][0]
+  assert readout['width'] == lexinvariant_family.config.model.width
+  tables = lm_eval.example_tables(lexinvariant_family, jax.random.PRNGKey(6), np.arange(3))
+  losses, ab = lm_perplexity.readout_counter_losses(windows, tables)
+  assert ab == tuple(readout['fitted_a_b'])
+  np.testing.assert_allclose(readout['perplexity'], np.exp(losses.mean(0)), rtol=1e-5)
+
+
+def _readout_counter_by_hand(window, table, a, b):
+  """Losses of the random-table readout counter, one position at a time (float64)."""
+  table = np.asarray(table, np.float64)
+  d, out = table.shape[1], []
+  for t in range(len(window) - 1):
+    seen = list(window[:t + 1])
+    h = sum((a * seen.count(u) / (t + 1) + b) * table[u] for u in set(seen)) / np.sqrt(d)
+    logits = table @ h / np.sqrt(d)
+    logits -= logits.max()
+    out.append(np.log(np.exp(logits).sum()) - logits[window[t + 1]])
+  return np.array(out)
+
+
+def test_readout_counter_matches_a_hand_count_and_blurs_with_small_tables():
+  rng = np.random.default_rng(0)
+  windows = rng.integers(0, 6, (3, 30))
+  gaussian = rng.standard_normal((3, 8, 4))  # d = 4 < V = 8: strong cross terms
+  losses, (a, b) = lm_perplexity.readout_counter_losses(windows, gaussian)
+  expected = np.stack([_readout_counter_by_hand(list(w), e, a, b)
+                       for w, e in zip(windows, gaussian)])
+  np.testing.assert_allclose(losses, expected, rtol=1e-4)
+  # The fitted pair is no worse than its neighbours on the grids.
+  grid_a, grid_b = list(lm_perplexity.READOUT_GRID_A), list(lm_perplexity.READOUT_GRID_B)
+  i, j = grid_a.index(a), grid_b.index(b)
+  neighbours = [(grid_a[k], b) for k in (i - 1, i + 1) if 0 <= k < len(grid_a)]
+  neighbours += [(a, grid_b[k]) for k in (j - 1, j + 1) if 0 <= k < len(grid_b)]
+  assert len(neighbours) >= 2
+  for a2, b2 in neighbours:
+    other = np.stack([_readout_counter_by_hand(list(w), e, a2, b2)
+                      for w, e in zip(windows, gaussian)])
+    assert losses.mean() <= other.mean() + 1e-6
+  # Orthonormal rows (E E^T = d I) read the counts out exactly: lower loss than the blur.
+  exact = np.tile(np.eye(8) * np.sqrt(8), (3, 1, 1))
+  exact_losses, _ = lm_perplexity.readout_counter_losses(windows, exact)
+  assert exact_losses.mean() < losses.mean() - 0.1, (exact_losses.mean(), losses.mean())
 
 
 def _counter_by_hand(window, vocab, order, a1=1.0, a2=2.0):
@@ -303,7 +364,9 @@ def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
     assert f'{name}.json' in proc.stdout
   with open(out / 'cipher.json') as f:
     c = json.load(f)
-  assert c['window_starts'] == [0, 8, 16] and len(c['precision']['probe']) == 3
+  assert c['window_starts'] == [0, 8, 16]
+  assert {k: len(v) for k, v in c['precision'].items()} == {
+      'probe': 3, 'frequency': 3, 'frequency_prefix': 3}
   with open(out / 'reasoning.json') as f:
     r = json.load(f)
   assert {t: e['oracle'] for t, e in r['tasks'].items()} == {'lookup': 1.0, 'permutation': 1.0}

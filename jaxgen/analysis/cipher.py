@@ -14,8 +14,11 @@ Score (the paper's): over a `window`-character window, each cipher symbol's pred
 the majority vote of the probe's predictions at its occurrences (ties: the smallest code
 point); key precision is the fraction of the window's cipher symbols whose vote is the right
 letter, averaged over test sequences and plotted against the window start. The classical
-reference decipherer ranks the window's cipher symbols by count (ties: first occurrence) and
-maps them to the lowercase letters ranked by train-split frequency (ties: alphabetical).
+reference decipherer ranks cipher symbols by count (ties: first occurrence) and maps them to the
+lowercase letters ranked by train-split frequency (ties: alphabetical). It is scored twice:
+counting the window alone, and counting all the text up to the window's end, which is what the
+LM has seen there; the second rises with the window start and is what a model that only counts
+symbols in context could reach.
 """
 import flax.linen as nn
 import jax
@@ -95,16 +98,20 @@ def key_precision(cipher, predictions, key):
   return float(np.mean(votes.argmax(1)[present] == LETTERS[present]))
 
 
-def frequency_precision(cipher, key, order):
-  """Key precision of the frequency decipherer over one window (order: letter_order)."""
-  sym = _symbol_index(cipher, key)
+def frequency_precision(counted, key, order, scored=None):
+  """Key precision of the frequency decipherer (order: letter_order). It ranks the cipher
+  symbols by their count in `counted` and scores those that occur in `scored` (default: all of
+  `counted`): the window itself, or everything up to the window's end."""
+  sym = _symbol_index(counted, key)
   sym = sym[sym >= 0]
-  if not len(sym):
+  in_scored = np.unique(_symbol_index(counted if scored is None else scored, key))
+  in_scored = in_scored[in_scored >= 0]
+  if not len(in_scored):
     return float('nan')
   present, first, counts = np.unique(sym, return_index=True, return_counts=True)
   ranked = present[np.lexsort((first, -counts))]  # by count, then by first occurrence
-  guess = np.asarray(order)[:len(ranked)]
-  return float(np.mean(guess == LETTERS[ranked]))
+  guess = dict(zip(ranked.tolist(), np.asarray(order)[:len(ranked)].tolist()))
+  return float(np.mean([guess[s] == LETTERS[s] for s in in_scored]))
 
 
 def window_starts(seq_len, window, stride):
@@ -112,10 +119,13 @@ def window_starts(seq_len, window, stride):
 
 
 def window_precisions(cipher, predictions, key, order, starts, window):
-  """(probe, frequency) key precision [S] at each window start of one sequence."""
+  """Key precision [S] at each window start of one sequence: (probe, frequency over the
+  window, frequency over everything up to the window's end)."""
   probe = [key_precision(cipher[s:s + window], predictions[s:s + window], key) for s in starts]
   freq = [frequency_precision(cipher[s:s + window], key, order) for s in starts]
-  return np.array(probe), np.array(freq)
+  prefix = [frequency_precision(cipher[:s + window], key, order, cipher[s:s + window])
+            for s in starts]
+  return np.array(probe), np.array(freq), np.array(prefix)
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -228,9 +238,10 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
   cipher = np.stack([encipher(p, k) for p, k in zip(plain, keys)])
   pred = predict(family, lm_params, probe, probe_params, cipher, batch_size=batch_size,
                  seed=seed + 2)
-  probe_prec, freq_prec = zip(*[window_precisions(c, p, k, order, starts, window)
-                                for c, p, k in zip(cipher, pred, keys)])
-  probe_prec, freq_prec = np.nanmean(probe_prec, 0), np.nanmean(freq_prec, 0)
+  per_sequence = [window_precisions(c, p, k, order, starts, window)
+                  for c, p, k in zip(cipher, pred, keys)]
+  precision = {name: np.nanmean([seq[i] for seq in per_sequence], 0)
+               for i, name in enumerate(('probe', 'frequency', 'frequency_prefix'))}
   letter = np.isin(plain, LETTERS)
   correct = pred == plain
   return {
@@ -238,9 +249,9 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
       'seed': seed, 'num_unused_symbols': len(symbols), 'cipher_symbols': symbols,
       'letter_order': ''.join(map(chr, order)),
       'window_starts': starts,
-      'precision': {'probe': probe_prec, 'frequency': freq_prec},
-      'first_window': {'probe': probe_prec[0], 'frequency': freq_prec[0]},
-      'last_window': {'probe': probe_prec[-1], 'frequency': freq_prec[-1]},
+      'precision': precision,
+      'first_window': {name: p[0] for name, p in precision.items()},
+      'last_window': {name: p[-1] for name, p in precision.items()},
       'probe': {'steps': probe_steps, 'batch_size': probe_batch, 'hidden': probe_hidden,
                 'dim': probe_dim, 'lr': probe_lr, 'train_loss': curve,
                 'accuracy_enciphered': float(correct[letter].mean()) if letter.any() else None,
@@ -254,8 +265,10 @@ def figure(result):
   p = result['probe']
   title = (f"Cipher key precision ({result['num_sequences']} test sequences, "
            f"{result['window']}-char windows, probe {p['steps']} steps)")
-  return plots.line_plot({'probe (majority vote)': (x, result['precision']['probe']),
-                          'frequency ranks': (x, result['precision']['frequency'])},
+  prec = result['precision']
+  return plots.line_plot({'probe (majority vote)': (x, prec['probe']),
+                          'frequency ranks (window)': (x, prec['frequency']),
+                          'frequency ranks (text so far)': (x, prec['frequency_prefix'])},
                          title=title, xlabel='window start (characters)',
                          ylabel='key precision', ylim=(0.0, 1.0))
 
@@ -264,8 +277,8 @@ def summary_lines(result):
   f, l, p = result['first_window'], result['last_window'], result['probe']
   acc = p['accuracy_enciphered']
   return [f"cipher: key precision, first window probe {f['probe']:.3f} / frequency "
-          f"{f['frequency']:.3f}; last window probe {l['probe']:.3f} / frequency "
-          f"{l['frequency']:.3f}",
+          f"{f['frequency']:.3f} / frequency so far {f['frequency_prefix']:.3f}; last window "
+          f"probe {l['probe']:.3f} / {l['frequency']:.3f} / {l['frequency_prefix']:.3f}",
           f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
           f"final train loss {p['train_loss'][-1][1] if p['train_loss'] else float('nan'):.3f}"]
 
