@@ -11,7 +11,7 @@ Two references need no training: in-context unigram and bigram counters (`in_con
 predict from the counts of the window so far and nothing else, so they are lexinvariant by
 construction; they show how much a window's own statistics can explain at each position. A
 third, with a lexinvariant model, reads such counts through the model's own kind of random
-table (`readout_counter_losses`, two fitted numbers): at a CPU model's width it is about where
+table (`readout_counter_losses`, two numbers fitted per position): at a CPU model's width it is about where
 small lexinvariant models level off (d = 128: ~4.0 nats late in the window).
 """
 import jax
@@ -94,28 +94,38 @@ def _nll(logits, targets):
 
 
 def readout_counter_losses(windows, tables, max_rounds=10):
-  """(losses [N, L], (a, b)): the best in-context counter that a lexinvariant LM's tied readout
-  can express, for windows [N, L + 1] and their random tables [N, V, d].
+  """(losses [N, L], a [L], b [L]): the best in-context counter that a lexinvariant LM's tied
+  readout can express, for windows [N, L + 1] and their random tables [N, V, d].
 
-  The counter writes h = sum_u (a f_u + b s_u) E_u / sqrt(d), f_u token u's share of tokens
-  0..t and s_u whether it occurred, and reads logits_v = h . E_v / sqrt(d) like the model; a
-  and b minimise the mean loss (coordinate search over the READOUT_GRID_* log grids). With N(0, I_d) rows at small
-  d the cross terms E_u . E_v blur this distribution: it is how far counting alone can take a
-  lexinvariant model of that width. With orthogonal rows it is a plain in-context counter."""
+  At position t the counter writes h = sum_u (a_t f_u + b_t s_u) E_u / sqrt(d), f_u token u's
+  share of tokens 0..t and s_u whether it occurred, and reads logits_v = h . E_v / sqrt(d) like
+  the model; a_t and b_t minimise the mean loss at position t over the windows (a coordinate
+  search over the READOUT_GRID_* log grids, all positions at once). With N(0, I_d) rows at
+  small d the cross terms E_u . E_v blur this distribution: it is how far counting alone can
+  take a lexinvariant model of that width. With orthogonal rows it is a plain counter."""
   e = np.asarray(tables, np.float32)
   gram = np.einsum('nud,nvd->nuv', e, e) / e.shape[-1]
   shares, seen = _counter_features(windows, e.shape[1])
   share_logits, seen_logits = shares @ gram, seen @ gram
   targets = np.asarray(windows)[:, 1:]
-  loss = lambda a, b: float(_nll(a * share_logits + b * seen_logits, targets).mean())
-  a, b = 1.0, 0.0
-  for _ in range(max_rounds):  # until neither coordinate moves on its grid
-    new_a = min(READOUT_GRID_A, key=lambda x: loss(x, b))
-    new_b = min(READOUT_GRID_B, key=lambda x: loss(new_a, x))
-    if (new_a, new_b) == (a, b):
+  length = targets.shape[1]
+
+  def losses(a, b):  # a, b [L] -> [N, L]
+    return _nll(a[:, None] * share_logits + b[:, None] * seen_logits, targets)
+
+  def best(grid, other, which):  # per position, the grid value with the least mean loss
+    cand = [losses(*((np.full(length, g), other) if which == 'a' else (other, np.full(length, g))))
+            .mean(0) for g in grid]
+    return np.asarray(grid)[np.argmin(cand, axis=0)]
+
+  a, b = np.ones(length), np.zeros(length)
+  for _ in range(max_rounds):  # until no position moves on either grid
+    new_a = best(READOUT_GRID_A, b, 'a')
+    new_b = best(READOUT_GRID_B, new_a, 'b')
+    if np.array_equal(new_a, a) and np.array_equal(new_b, b):
       break
     a, b = new_a, new_b
-  return _nll(a * share_logits + b * seen_logits, targets), (float(a), float(b))
+  return losses(a, b), a, b
 
 
 def _mean(x):
@@ -165,12 +175,12 @@ def evaluate(models, *, num_windows=256, batch_size=16, smooth=16, seed=0):
   if lexinvariant:
     fam = lexinvariant[0]
     tables = lm_eval.example_tables(fam, jax.random.PRNGKey(seed + 1), np.arange(len(windows)))
-    losses, (a, b) = readout_counter_losses(windows, tables)
+    losses, a, b = readout_counter_losses(windows, tables)
     loss = losses.mean(0)
     result['references'][READOUT_REFERENCE] = {
         'perplexity': np.exp(loss), 'mean_loss': float(loss.mean()),
         'perplexity_smoothed': np.exp(np.asarray(lm_metrics.moving_average(loss, smooth))),
-        'width': fam.config.model.width, 'table': fam.table, 'fitted_a_b': [a, b]}
+        'width': fam.config.model.width, 'table': fam.table, 'fitted_a': a, 'fitted_b': b}
   curves = result['models']
   if 'standard' in curves:
     for name in curves:
