@@ -7,9 +7,9 @@ r"""Lexinvariant language models and their identical standard / semi-lexinvarian
 
 Argument: `<variant>[,<embedding>][,rope][,spm][,copying]`.
   variant    tiny (tests, seconds) | demo (char-level Shakespeare; a lexinvariant and a standard
-             model side by side: 36 min on 2 CPU cores, 45 with copying) | 150M (the paper's model: 12 layers,
-             8 heads x 128, MLP 4096, d 1024, length 512, Adafactor, cosine 0.01 -> 0.001,
-             batch 64, 250K steps)
+             model side by side: 36 min on 2 CPU cores, 45 with copying) | 150M (the paper's
+             model: 12 layers, 8 heads x 128, MLP 4096, d 1024, length 512, Adafactor, cosine
+             0.01 -> 0.001, batch 64, 250K steps)
   embedding  lexinvariant (default) | standard | semi (standard embeddings, a Bernoulli(0.2)
              share of positions through a per-sequence random vocabulary permutation)
   rope       rotary positions instead of T5 relative position bias
