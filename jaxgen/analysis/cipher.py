@@ -119,13 +119,17 @@ def window_starts(seq_len, window, stride):
 
 
 def window_precisions(cipher, predictions, key, order, starts, window):
-  """Key precision [S] at each window start of one sequence: (probe, frequency over the
-  window, frequency over everything up to the window's end)."""
-  probe = [key_precision(cipher[s:s + window], predictions[s:s + window], key) for s in starts]
-  freq = [frequency_precision(cipher[s:s + window], key, order) for s in starts]
-  prefix = [frequency_precision(cipher[:s + window], key, order, cipher[s:s + window])
-            for s in starts]
-  return np.array(probe), np.array(freq), np.array(prefix)
+  """Key precision [S] at each window start of one sequence: {name: majority-vote precision}
+  for each of `predictions` {name: characters [L]}, plus 'frequency' (the frequency decipherer
+  counting the window) and 'frequency_prefix' (counting everything up to the window's end)."""
+  out = {name: np.array([key_precision(cipher[s:s + window], p[s:s + window], key)
+                         for s in starts]) for name, p in predictions.items()}
+  out['frequency'] = np.array([frequency_precision(cipher[s:s + window], key, order)
+                               for s in starts])
+  out['frequency_prefix'] = np.array([
+      frequency_precision(cipher[:s + window], key, order, cipher[s:s + window])
+      for s in starts])
+  return out
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -144,6 +148,34 @@ class Probe(nn.Module):
     table = self.param('embedding', nn.initializers.normal(self.dim ** -0.5),
                        (self.vocab, self.dim))
     return x @ table.T
+
+
+class CountingStandIn:
+  """Stands in for a lexinvariant LM that only counts: its final hidden state at position t
+  holds how often the current symbol occurs in tokens 0..t (its share, its rank among the
+  symbols so far / 10, its log count; zero-padded to the model's width) and nothing else.
+
+  The probe trained on it is a reference: what counting alone lets the probe decipher, and a
+  check that probe and scoring read a symbol's identity wherever a hidden state carries it."""
+  mode = 'lexinvariant'
+
+  def __init__(self, config):
+    self.config = config
+
+  def tables(self, rng, batch_size):
+    return None
+
+  def tables_from_keys(self, keys):
+    return None
+
+  def apply(self, params, tokens, tables=None, return_hidden=True):
+    del params, tables, return_hidden
+    counts = jnp.cumsum(jax.nn.one_hot(tokens, VOCAB), axis=1)
+    own = jnp.take_along_axis(counts, tokens[..., None], -1)
+    share = own / jnp.arange(1, tokens.shape[1] + 1)[None, :, None]
+    rank = (counts > own).sum(-1, keepdims=True) / 10.0
+    features = jnp.concatenate([share, rank, jnp.log(own)], -1)
+    return None, jnp.pad(features, ((0, 0), (0, 0), (0, self.config.model.width - 3)))
 
 
 def _hidden(family, lm_params, tokens, tables):
@@ -168,9 +200,11 @@ def train_probe(family, lm_params, train_stream, symbols, *, steps, batch_size=8
   tx = optax.adam(lr)
   h0 = jnp.zeros((1, 1, family.config.model.width))
   probe_params = jax.jit(lambda k: probe.init(k, h0)['params'])(jax.random.PRNGKey(seed))
+  rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
 
   @jax.jit
-  def step(probe_params, opt_state, lm_params, plain, cipher, table_key):
+  def step(probe_params, opt_state, lm_params, plain, cipher, i):
+    table_key = jax.random.fold_in(base, i)  # in the step: an eager fold_in costs ~10 ms
     h = _hidden(family, lm_params, cipher, family.tables(table_key, cipher.shape[0]))
 
     def loss_fn(p):
@@ -181,12 +215,10 @@ def train_probe(family, lm_params, train_stream, symbols, *, steps, batch_size=8
     updates, opt_state = tx.update(grads, opt_state, probe_params)
     return optax.apply_updates(probe_params, updates), opt_state, loss
 
-  rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
   opt_state, losses = jax.jit(tx.init)(probe_params), []
   for i in range(steps):
     plain, cipher = _enciphered_batch(rng, train_stream, length, batch_size, symbols)
-    probe_params, opt_state, loss = step(probe_params, opt_state, lm_params, plain, cipher,
-                                         jax.random.fold_in(base, i))
+    probe_params, opt_state, loss = step(probe_params, opt_state, lm_params, plain, cipher, i)
     losses.append(loss)
   losses = np.asarray(jax.device_get(losses), np.float64)
   chunks = np.array_split(np.arange(steps), min(num_points, steps)) if steps else []
@@ -213,10 +245,30 @@ def predict(family, lm_params, probe, probe_params, cipher, *, batch_size=16, se
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _probe_predictions(family, lm_params, train, cipher, symbols, *, probe_steps, probe_batch,
+                       probe_hidden, probe_dim, probe_lr, batch_size, seed):
+  """Trains a probe on `family`'s hidden states; (its characters [N, L] for `cipher`, loss
+  curve)."""
+  probe, probe_params, curve = train_probe(
+      family, lm_params, train, symbols, steps=probe_steps, batch_size=probe_batch,
+      hidden=probe_hidden, dim=probe_dim, lr=probe_lr, seed=seed)
+  pred = predict(family, lm_params, probe, probe_params, cipher, batch_size=batch_size,
+                 seed=seed + 2)
+  return pred, curve
+
+
+def _accuracies(pred, plain):
+  letter, correct = np.isin(plain, LETTERS), pred == plain
+  return {'accuracy_enciphered': float(correct[letter].mean()) if letter.any() else None,
+          'accuracy_plain': float(correct[~letter].mean()) if (~letter).any() else None,
+          'accuracy_all': float(correct.mean())}
+
+
 def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=100, stride=10,
              probe_batch=8, probe_hidden=256, probe_dim=64, probe_lr=1e-3, batch_size=16,
              seed=0):
   """Trains the probe, deciphers `num_sequences` enciphered test windows; the result dict.
+  The same probe is trained on the CountingStandIn too, as a reference.
 
   The window is clipped to the model's seq_len (the paper: 100 characters of 512)."""
   check_model(family)
@@ -228,22 +280,20 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
   window = min(window, d.seq_len)
   starts = window_starts(d.seq_len, window, stride)
 
-  probe, probe_params, curve = train_probe(
-      family, lm_params, train, symbols, steps=probe_steps, batch_size=probe_batch,
-      hidden=probe_hidden, dim=probe_dim, lr=probe_lr, seed=seed)
-
   plain = lm_eval.windows(test, d.seq_len, num_sequences)
   rng = np.random.default_rng(seed + 1)  # test keys, unlike any training key sequence
   keys = np.stack([make_key(rng, symbols) for _ in plain])
   cipher = np.stack([encipher(p, k) for p, k in zip(plain, keys)])
-  pred = predict(family, lm_params, probe, probe_params, cipher, batch_size=batch_size,
-                 seed=seed + 2)
-  per_sequence = [window_precisions(c, p, k, order, starts, window)
-                  for c, p, k in zip(cipher, pred, keys)]
-  precision = {name: np.nanmean([seq[i] for seq in per_sequence], 0)
-               for i, name in enumerate(('probe', 'frequency', 'frequency_prefix'))}
-  letter = np.isin(plain, LETTERS)
-  correct = pred == plain
+  settings = dict(probe_steps=probe_steps, probe_batch=probe_batch, probe_hidden=probe_hidden,
+                  probe_dim=probe_dim, probe_lr=probe_lr, batch_size=batch_size, seed=seed)
+  pred, curve = _probe_predictions(family, lm_params, train, cipher, symbols, **settings)
+  counting, counting_curve = _probe_predictions(CountingStandIn(family.config), {}, train,
+                                                cipher, symbols, **settings)
+  per_sequence = [window_precisions(c, {'probe': p, 'counting_stand_in': q}, k, order, starts,
+                                    window)
+                  for c, p, q, k in zip(cipher, pred, counting, keys)]
+  precision = {name: np.nanmean([seq[name] for seq in per_sequence], 0)
+               for name in per_sequence[0]}
   return {
       'num_sequences': len(plain), 'seq_len': d.seq_len, 'window': window, 'stride': stride,
       'seed': seed, 'num_unused_symbols': len(symbols), 'cipher_symbols': symbols,
@@ -254,9 +304,8 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
       'last_window': {name: p[-1] for name, p in precision.items()},
       'probe': {'steps': probe_steps, 'batch_size': probe_batch, 'hidden': probe_hidden,
                 'dim': probe_dim, 'lr': probe_lr, 'train_loss': curve,
-                'accuracy_enciphered': float(correct[letter].mean()) if letter.any() else None,
-                'accuracy_plain': float(correct[~letter].mean()) if (~letter).any() else None,
-                'accuracy_all': float(correct.mean())},
+                **_accuracies(pred, plain)},
+      'counting_stand_in': {'train_loss': counting_curve, **_accuracies(counting, plain)},
   }
 
 
@@ -267,6 +316,7 @@ def figure(result):
            f"{result['window']}-char windows, probe {p['steps']} steps)")
   prec = result['precision']
   return plots.line_plot({'probe (majority vote)': (x, prec['probe']),
+                          'probe on a model that only counts': (x, prec['counting_stand_in']),
                           'frequency ranks (window)': (x, prec['frequency']),
                           'frequency ranks (text so far)': (x, prec['frequency_prefix'])},
                          title=title, xlabel='window start (characters)',
@@ -276,11 +326,16 @@ def figure(result):
 def summary_lines(result):
   f, l, p = result['first_window'], result['last_window'], result['probe']
   acc = p['accuracy_enciphered']
-  return [f"cipher: key precision, first window probe {f['probe']:.3f} / frequency "
-          f"{f['frequency']:.3f} / frequency so far {f['frequency_prefix']:.3f}; last window "
-          f"probe {l['probe']:.3f} / {l['frequency']:.3f} / {l['frequency_prefix']:.3f}",
-          f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
-          f"final train loss {p['train_loss'][-1][1] if p['train_loss'] else float('nan'):.3f}"]
+  loss = p['train_loss'][-1][1] if p['train_loss'] else float('nan')
+  lines = ['cipher: key precision in the first / last window']
+  for name, label in (('probe', 'probe on the LM'),
+                      ('counting_stand_in', 'probe on a model that only counts'),
+                      ('frequency', 'frequency ranks (window)'),
+                      ('frequency_prefix', 'frequency ranks (text so far)')):
+    lines.append(f"  {label:<34} {f[name]:.3f} / {l[name]:.3f}")
+  lines.append(f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
+               f"final train loss {loss:.3f}")
+  return lines
 
 
 def run(family, lm_params, **kwargs):
