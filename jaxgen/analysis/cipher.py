@@ -315,7 +315,7 @@ def figure(result):
   title = (f"Cipher key precision ({result['num_sequences']} test sequences, "
            f"{result['window']}-char windows, probe {p['steps']} steps)")
   prec = result['precision']
-  return plots.line_plot({'probe (majority vote)': (x, prec['probe']),
+  return plots.line_plot({'probe on the LM (majority vote)': (x, prec['probe']),
                           'probe on a model that only counts': (x, prec['counting_stand_in']),
                           'frequency ranks (window)': (x, prec['frequency']),
                           'frequency ranks (text so far)': (x, prec['frequency_prefix'])},
