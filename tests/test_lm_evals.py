@@ -300,6 +300,16 @@ def test_perplexity_curve_matches_a_float64_recomputation(models, monkeypatch):
   np.testing.assert_allclose(readout['perplexity'], np.exp(losses.mean(0)), rtol=1e-5)
 
 
+def test_pairwise_references_are_left_out_for_large_vocabularies():
+  windows = np.random.default_rng(0).integers(0, 1000, (2, 9))
+  big = lm_perplexity.reference_curves(windows, 2048, smooth=2)
+  assert set(big) == {'in-context unigram'}
+  np.testing.assert_allclose(big['in-context unigram']['mean_loss'],
+                             lm_perplexity.in_context_losses(windows, 2048, 1).mean())
+  assert set(lm_perplexity.reference_curves(windows, 1024, smooth=2)) == {
+      'in-context unigram', 'in-context bigram'}
+
+
 def _readout_counter_by_hand(window, table, a, b):
   """Losses of the random-table readout counter, one position at a time (float64); a, b [L]."""
   table = np.asarray(table, np.float64)

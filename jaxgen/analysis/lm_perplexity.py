@@ -126,6 +126,33 @@ def readout_counter_losses(windows, tables, max_rounds=10):
   return losses(a, b), a, b
 
 
+# The bigram and the readout counters hold [N, V, V] arrays: character-level and small subword
+# vocabularies only (a 32k vocabulary would need terabytes).
+MAX_PAIRWISE_VOCAB = 1024
+
+
+def reference_curves(windows, vocab_size, smooth, lexinvariant=None, seed=0):
+  """{name: curve} of the references that need no training (see the module doc) on windows
+  [N, L + 1]; the readout counter with a `lexinvariant` family's tables (window i's from
+  fold_in(PRNGKey(seed + 1), i)), and the pairwise ones only up to MAX_PAIRWISE_VOCAB."""
+  def curve(losses, **extra):
+    loss = losses.mean(0)
+    return {'perplexity': np.exp(loss), 'mean_loss': float(loss.mean()),
+            'perplexity_smoothed': np.exp(np.asarray(lm_metrics.moving_average(loss, smooth))),
+            **extra}
+
+  pairwise = vocab_size <= MAX_PAIRWISE_VOCAB
+  out = {name: curve(in_context_losses(windows, vocab_size, order))
+         for name, order in REFERENCES.items() if order == 1 or pairwise}
+  if lexinvariant is not None and pairwise:
+    tables = lm_eval.example_tables(lexinvariant, jax.random.PRNGKey(seed + 1),
+                                    np.arange(len(windows)))
+    losses, a, b = readout_counter_losses(windows, tables)
+    out[READOUT_REFERENCE] = curve(losses, width=lexinvariant.config.model.width,
+                                   table=lexinvariant.table, fitted_a=a, fitted_b=b)
+  return out
+
+
 def _mean(x):
   x = np.asarray(x, np.float64)
   return float(np.nanmean(x)) if np.isfinite(x).any() else float('nan')
@@ -163,22 +190,9 @@ def evaluate(models, *, num_windows=256, batch_size=16, smooth=16, seed=0):
         'perplexity_smoothed': np.exp(np.asarray(lm_metrics.moving_average(loss, smooth))),
         'mean_loss': acc.mean_loss(), 'bits_per_token': acc.bits_per_character(),
         'num_tokens': acc.num_tokens}
-  result['references'] = {}
-  for name, order in REFERENCES.items():
-    loss = in_context_losses(windows, d.vocab_size, order).mean(0)
-    result['references'][name] = {
-        'perplexity': np.exp(loss), 'mean_loss': float(loss.mean()),
-        'perplexity_smoothed': np.exp(np.asarray(lm_metrics.moving_average(loss, smooth)))}
   lexinvariant = [f for f, _ in models.values() if f.mode == 'lexinvariant']
-  if lexinvariant:
-    fam = lexinvariant[0]
-    tables = lm_eval.example_tables(fam, jax.random.PRNGKey(seed + 1), np.arange(len(windows)))
-    losses, a, b = readout_counter_losses(windows, tables)
-    loss = losses.mean(0)
-    result['references'][READOUT_REFERENCE] = {
-        'perplexity': np.exp(loss), 'mean_loss': float(loss.mean()),
-        'perplexity_smoothed': np.exp(np.asarray(lm_metrics.moving_average(loss, smooth))),
-        'width': fam.config.model.width, 'table': fam.table, 'fitted_a': a, 'fitted_b': b}
+  result['references'] = reference_curves(windows, d.vocab_size, smooth,
+                                          (lexinvariant or [None])[0], seed)
   curves = result['models']
   if 'standard' in curves:
     for name in curves:
