@@ -309,16 +309,19 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
   }
 
 
+CURVES = {'probe': 'probe on the LM (majority vote)',
+          'counting_stand_in': 'probe on a model that only counts',
+          'frequency': 'frequency ranks (window)',
+          'frequency_prefix': 'frequency ranks (text so far)'}
+
+
 def figure(result):
   x = result['window_starts']
   p = result['probe']
   title = (f"Cipher key precision ({result['num_sequences']} test sequences, "
            f"{result['window']}-char windows, probe {p['steps']} steps)")
   prec = result['precision']
-  return plots.line_plot({'probe on the LM (majority vote)': (x, prec['probe']),
-                          'probe on a model that only counts': (x, prec['counting_stand_in']),
-                          'frequency ranks (window)': (x, prec['frequency']),
-                          'frequency ranks (text so far)': (x, prec['frequency_prefix'])},
+  return plots.line_plot({label: (x, prec[name]) for name, label in CURVES.items()},
                          title=title, xlabel='window start (characters)',
                          ylabel='key precision', ylim=(0.0, 1.0))
 
@@ -328,10 +331,7 @@ def summary_lines(result):
   acc = p['accuracy_enciphered']
   loss = p['train_loss'][-1][1] if p['train_loss'] else float('nan')
   lines = ['cipher: key precision in the first / last window']
-  for name, label in (('probe', 'probe on the LM'),
-                      ('counting_stand_in', 'probe on a model that only counts'),
-                      ('frequency', 'frequency ranks (window)'),
-                      ('frequency_prefix', 'frequency ranks (text so far)')):
+  for name, label in CURVES.items():
     lines.append(f"  {label:<34} {f[name]:.3f} / {l[name]:.3f}")
   lines.append(f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
                f"final train loss {loss:.3f}")

@@ -190,9 +190,8 @@ def evaluate(models, *, num_windows=256, batch_size=16, smooth=16, seed=0):
         'perplexity_smoothed': np.exp(np.asarray(lm_metrics.moving_average(loss, smooth))),
         'mean_loss': acc.mean_loss(), 'bits_per_token': acc.bits_per_character(),
         'num_tokens': acc.num_tokens}
-  lexinvariant = [f for f, _ in models.values() if f.mode == 'lexinvariant']
-  result['references'] = reference_curves(windows, d.vocab_size, smooth,
-                                          (lexinvariant or [None])[0], seed)
+  lexinvariant = next((f for f, _ in models.values() if f.mode == 'lexinvariant'), None)
+  result['references'] = reference_curves(windows, d.vocab_size, smooth, lexinvariant, seed)
   curves = result['models']
   if 'standard' in curves:
     for name in curves:
