@@ -106,12 +106,6 @@ def tiled_batch(rng, stream, batch, length, min_period, max_period):
   return np.stack(rows).astype(np.int32), periods
 
 
-def natural_batch(rng, stream, batch, length):
-  """tokens [batch, length + 1]: plain train windows at random offsets."""
-  starts = rng.integers(0, len(stream) - length, batch)
-  return np.stack([stream[s:s + length + 1] for s in starts]).astype(np.int32)
-
-
 def lookup_accuracy(family, params, num_examples):
   """The trained model's greedy LookUp accuracy {pairs: accuracy} (jaxgen.analysis.reasoning)."""
   result = reasoning.evaluate({family.mode: (family, params)}, num_examples=num_examples,
@@ -152,7 +146,8 @@ def train(args):
     tokens, periods = tiled_batch(rng, stream, num_tiled, length, args.min_period,
                                   args.max_period)
     if num_tiled < batch:
-      tokens = np.concatenate([tokens, natural_batch(rng, stream, batch - num_tiled, length)])
+      tokens = np.concatenate([tokens, lm_eval.random_windows(rng, stream, length + 1,
+                                                              batch - num_tiled)])
     params, opt_state, losses, fresh = step(params, opt_state, tokens,
                                             jax.random.fold_in(key, i), i)
     losses, natural = np.asarray(losses[:num_tiled]), np.asarray(losses[num_tiled:])

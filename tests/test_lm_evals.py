@@ -473,8 +473,10 @@ def test_copying_batches_repeat_with_their_period_and_the_loop_runs(text_data_di
   for row, p in zip(tokens, periods):
     np.testing.assert_array_equal(row[p:], row[:-p])  # each row repeats with its period
     assert len(set(row[:p].tolist())) == p  # ...and not sooner
-  plain = copying.natural_batch(np.random.default_rng(1), stream, 4, 64)
-  assert plain.shape == (4, 65) and np.all(np.diff(plain, axis=1) % 97 == 1)  # contiguous text
+  # The plain rows of --natural_fraction: lm_eval.random_windows, as the cipher probe's.
+  plain = lm_eval.random_windows(np.random.default_rng(1), stream, 65, 4)
+  assert plain.shape == (4, 65) and plain.dtype == np.int32
+  assert np.all(np.diff(plain, axis=1) % 97 == 1)  # contiguous text
   for bad in (['--min_period=9', '--max_period=8'], ['--set=model.no_such=1'],
               ['--natural_fraction=1']):
     with pytest.raises(SystemExit):  # argparse's one-line error

@@ -186,8 +186,7 @@ def _hidden(family, lm_params, tokens, tables):
 
 def _enciphered_batch(rng, stream, length, batch, symbols):
   """Random train windows of `length`: (plaintext, ciphertext) [B, L], a fresh key each."""
-  starts = rng.integers(0, len(stream) - length + 1, batch)
-  plain = np.stack([stream[s:s + length] for s in starts]).astype(np.int32)
+  plain = lm_eval.random_windows(rng, stream, length, batch)
   cipher = np.stack([encipher(p, make_key(rng, symbols)) for p in plain])
   return plain, cipher
 

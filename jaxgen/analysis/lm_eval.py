@@ -45,6 +45,13 @@ def windows(tokens, length, num):
   return np.stack([tokens[i * length:(i + 1) * length] for i in idx]).astype(np.int32)
 
 
+def random_windows(rng, tokens, length, num):
+  """`num` windows of `length` tokens at offsets drawn by the NumPy Generator `rng` [num,
+  length] (int32): the training-style counterpart of `windows`."""
+  starts = rng.integers(0, len(tokens) - length + 1, num)
+  return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
+
+
 def example_tables(family, key, ids):
   """Random tables [B, V, d] for examples `ids` [B] (None for learned embeddings); jittable.
 
