@@ -160,6 +160,27 @@ def test_probe_deciphers_where_the_hidden_state_carries_counts(models):
   assert counting['train_loss'][-1][1] < result['probe']['train_loss'][-1][1] - 0.3
 
 
+def test_probe_layers_are_the_residual_streams_side_by_side(models):
+  """Block i's standardised output, put through the final norm's scale and bias, is the final
+  hidden state when i is the last block; several layers come concatenated in the given order."""
+  family, params, config, _ = models['lexinvariant']
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 12)), jnp.int32)
+  tables = family.tables(jax.random.PRNGKey(0), 2)
+  last = f'block{config.model.depth - 1}'
+  final = cipher.hidden_states(family, params, tokens, tables)
+  both = cipher.hidden_states(family, params, tokens, tables, ('block0', last, 'final'))
+  d = config.model.width
+  assert both.shape == (2, 12, 3 * d)
+  np.testing.assert_array_equal(both[..., 2 * d:], final)
+  norm = params['final_norm']['LayerNorm_0']
+  np.testing.assert_allclose(both[..., d:2 * d] * norm['scale'] + norm['bias'], final,
+                             rtol=1e-4, atol=1e-4)
+  assert not np.allclose(both[..., :d], both[..., d:2 * d], atol=1e-2)
+  for bad in ([], ['final', 'final'], [f'block{config.model.depth}'], ['embedding']):
+    with pytest.raises(UserError, match='probe layers'):
+      cipher.check_layers(family, bad)
+
+
 def test_cipher_refuses_standard_models(models):
   with pytest.raises(UserError, match='lexinvariant'):
     cipher.check_model(models['standard'][0])
@@ -405,7 +426,7 @@ def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
   proc = _cli('all', f'--lexinvariant={workdirs["lexinvariant"]}',
               f'--standard={workdirs["standard"]}', f'--out={out}', '--num_windows=4',
               '--smooth=4', '--probe_steps=4', '--num_sequences=4', '--window=16', '--stride=8',
-              '--num_examples=8', '--gen_batch=8')
+              '--probe_layers=block0,final', '--num_examples=8', '--gen_batch=8')
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   for name in lexinvariant.EVALS:
     with open(out / f'{name}.json') as f:
@@ -418,6 +439,7 @@ def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
   assert c['window_starts'] == [0, 8, 16]
   assert {k: len(v) for k, v in c['precision'].items()} == {
       'probe': 3, 'counting_stand_in': 3, 'frequency': 3, 'frequency_prefix': 3}
+  assert c['probe']['layers'] == ['block0', 'final']
   with open(out / 'reasoning.json') as f:
     r = json.load(f)
   assert {t: e['oracle'] for t, e in r['tasks'].items()} == {'lookup': 1.0, 'permutation': 1.0}

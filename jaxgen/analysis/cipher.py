@@ -8,7 +8,9 @@ embedding (every sequence has a fresh random table anyway), only by its use in c
 Probe: a 2-layer GELU MLP on the frozen LM's final hidden state at each position, its output
 decoded with its own learned embedding table [128, probe_dim], trained with Adam to predict
 the true plaintext character at that position, on enciphered train windows (fresh key and
-random tables per window). Only the probe's parameters are optimised.
+random tables per window). Only the probe's parameters are optimised. `layers` (not in the
+paper) probes other residual streams instead, or several side by side: 'block<i>' is block i's
+output, standardised per position as the final norm would (without its scale and bias).
 
 Score (the paper's): over a `window`-character window, each cipher symbol's predicted letter is
 the majority vote of the probe's predictions at its occurrences (ties: the smallest code
@@ -178,10 +180,32 @@ class CountingStandIn:
     return None, jnp.pad(features, ((0, 0), (0, 0), (0, self.config.model.width - 3)))
 
 
-def _hidden(family, lm_params, tokens, tables):
-  """The frozen LM's final hidden states [B, L, d]."""
-  _, h = family.apply(jax.lax.stop_gradient(lm_params), tokens, tables, return_hidden=True)
-  return jax.lax.stop_gradient(h)
+FINAL = ('final',)
+
+
+def check_layers(family, layers):
+  """`layers`: 'final' and/or 'block<i>' names of the LM's residual streams, each once."""
+  names = FINAL + tuple(f'block{i}' for i in range(family.config.model.depth))
+  if not layers or len(set(layers)) != len(layers) or not set(layers) <= set(names):
+    raise UserError(f'probe layers {list(layers)}: give distinct names among {list(names)}')
+
+
+def _standardise(x, eps=1e-6):
+  return (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + eps)
+
+
+def hidden_states(family, lm_params, tokens, tables, layers=FINAL):
+  """The frozen LM's hidden states [B, L, d * len(layers)] at `layers` (check_layers)."""
+  lm_params = jax.lax.stop_gradient(lm_params)
+  if tuple(layers) == FINAL:
+    _, h = family.apply(lm_params, tokens, tables, return_hidden=True)
+    return jax.lax.stop_gradient(h)
+  (_, h), state = family.apply(lm_params, tokens, tables, return_hidden=True,
+                               capture_intermediates=lambda m, _: m.name in layers,
+                               mutable=['intermediates'])
+  blocks = state['intermediates']
+  parts = [h if n == 'final' else _standardise(blocks[n]['__call__'][0]) for n in layers]
+  return jax.lax.stop_gradient(jnp.concatenate(parts, -1))
 
 
 def _enciphered_batch(rng, stream, length, batch, symbols):
@@ -192,19 +216,20 @@ def _enciphered_batch(rng, stream, length, batch, symbols):
 
 
 def train_probe(family, lm_params, train_stream, symbols, *, steps, batch_size=8, hidden=256,
-                dim=64, lr=1e-3, seed=0, num_points=10):
+                dim=64, lr=1e-3, seed=0, num_points=10, layers=FINAL):
   """(probe, probe params, loss curve [(step, mean loss)] at ~num_points points)."""
   length = family.config.data.seq_len
   probe = Probe(hidden, dim)
   tx = optax.adam(lr)
-  h0 = jnp.zeros((1, 1, family.config.model.width))
+  h0 = jnp.zeros((1, 1, family.config.model.width * len(layers)))
   probe_params = jax.jit(lambda k: probe.init(k, h0)['params'])(jax.random.PRNGKey(seed))
   rng, base = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
 
   @jax.jit
   def step(probe_params, opt_state, lm_params, plain, cipher, i):
     table_key = jax.random.fold_in(base, i)  # in the step: an eager fold_in costs ~10 ms
-    h = _hidden(family, lm_params, cipher, family.tables(table_key, cipher.shape[0]))
+    h = hidden_states(family, lm_params, cipher, family.tables(table_key, cipher.shape[0]),
+                      layers)
 
     def loss_fn(p):
       logits = probe.apply({'params': p}, h)
@@ -225,14 +250,16 @@ def train_probe(family, lm_params, train_stream, symbols, *, steps, batch_size=8
   return probe, probe_params, curve
 
 
-def predict(family, lm_params, probe, probe_params, cipher, *, batch_size=16, seed=0):
+def predict(family, lm_params, probe, probe_params, cipher, *, batch_size=16, seed=0,
+            layers=FINAL):
   """The probe's argmax character [N, L] for ciphertexts [N, L]; row i's random table from
   fold_in(PRNGKey(seed), i)."""
 
   @jax.jit  # parameters as arguments, not constants baked into the executable
   def batch(lm_params, probe_params, ids, tokens):
     tables = lm_eval.example_tables(family, jax.random.PRNGKey(seed), ids)
-    logits = probe.apply({'params': probe_params}, _hidden(family, lm_params, tokens, tables))
+    h = hidden_states(family, lm_params, tokens, tables, layers)
+    logits = probe.apply({'params': probe_params}, h)
     return jnp.argmax(logits, -1)
 
   out = []
@@ -245,14 +272,14 @@ def predict(family, lm_params, probe, probe_params, cipher, *, batch_size=16, se
 
 
 def _probe_predictions(family, lm_params, train, cipher, symbols, *, probe_steps, probe_batch,
-                       probe_hidden, probe_dim, probe_lr, batch_size, seed):
+                       probe_hidden, probe_dim, probe_lr, batch_size, seed, layers=FINAL):
   """Trains a probe on `family`'s hidden states; (its characters [N, L] for `cipher`, loss
   curve)."""
   probe, probe_params, curve = train_probe(
       family, lm_params, train, symbols, steps=probe_steps, batch_size=probe_batch,
-      hidden=probe_hidden, dim=probe_dim, lr=probe_lr, seed=seed)
+      hidden=probe_hidden, dim=probe_dim, lr=probe_lr, seed=seed, layers=layers)
   pred = predict(family, lm_params, probe, probe_params, cipher, batch_size=batch_size,
-                 seed=seed + 2)
+                 seed=seed + 2, layers=layers)
   return pred, curve
 
 
@@ -265,12 +292,15 @@ def _accuracies(pred, plain):
 
 def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=100, stride=10,
              probe_batch=8, probe_hidden=256, probe_dim=64, probe_lr=1e-3, batch_size=16,
-             seed=0):
-  """Trains the probe, deciphers `num_sequences` enciphered test windows; the result dict.
-  The same probe is trained on the CountingStandIn too, as a reference.
+             seed=0, layers=FINAL):
+  """Trains the probe on the LM's `layers` (check_layers), deciphers `num_sequences`
+  enciphered test windows; the result dict. The same probe is trained on the CountingStandIn's
+  final hidden state too, as a reference.
 
   The window is clipped to the model's seq_len (the paper: 100 characters of 512)."""
   check_model(family)
+  layers = tuple(layers)
+  check_layers(family, layers)
   d = family.config.data
   train = lm_eval.split_tokens(d, d.get('train_split', 'train'))
   test = lm_eval.split_tokens(d, d.get('test_split', 'test'))
@@ -285,7 +315,8 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
   cipher = np.stack([encipher(p, k) for p, k in zip(plain, keys)])
   settings = dict(probe_steps=probe_steps, probe_batch=probe_batch, probe_hidden=probe_hidden,
                   probe_dim=probe_dim, probe_lr=probe_lr, batch_size=batch_size, seed=seed)
-  pred, curve = _probe_predictions(family, lm_params, train, cipher, symbols, **settings)
+  pred, curve = _probe_predictions(family, lm_params, train, cipher, symbols, layers=layers,
+                                   **settings)
   counting, counting_curve = _probe_predictions(CountingStandIn(family.config), {}, train,
                                                 cipher, symbols, **settings)
   per_sequence = [window_precisions(c, {'probe': p, 'counting_stand_in': q}, k, order, starts,
@@ -302,7 +333,7 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
       'first_window': {name: p[0] for name, p in precision.items()},
       'last_window': {name: p[-1] for name, p in precision.items()},
       'probe': {'steps': probe_steps, 'batch_size': probe_batch, 'hidden': probe_hidden,
-                'dim': probe_dim, 'lr': probe_lr, 'train_loss': curve,
+                'dim': probe_dim, 'lr': probe_lr, 'layers': list(layers), 'train_loss': curve,
                 **_accuracies(pred, plain)},
       'counting_stand_in': {'train_loss': counting_curve, **_accuracies(counting, plain)},
   }
@@ -317,8 +348,10 @@ CURVES = {'probe': 'probe on the LM (majority vote)',
 def figure(result):
   x = result['window_starts']
   p = result['probe']
+  layers = p.get('layers', list(FINAL))
+  on = '' if layers == list(FINAL) else f" on {'+'.join(layers)}"
   title = (f"Cipher key precision ({result['num_sequences']} test sequences, "
-           f"{result['window']}-char windows, probe {p['steps']} steps)")
+           f"{result['window']}-char windows, probe{on} {p['steps']} steps)")
   prec = result['precision']
   return plots.line_plot({label: (x, prec[name]) for name, label in CURVES.items()},
                          title=title, xlabel='window start (characters)',

@@ -3,7 +3,7 @@ r"""The lexinvariant LM evaluations: perplexity by position, cipher deciphering,
   python -m jaxgen.analysis.lexinvariant {perplexity,cipher,reasoning,all} \
       --lexinvariant=workdirs/li [--standard=workdirs/std] [--semi=workdirs/semi] \
       --out=workdirs/li_eval [--num_windows=256] [--probe_steps=500] [--num_examples=1000] \
-      [--num_pairs=3] [--lookup_pairs=1,2]
+      [--num_pairs=3] [--lookup_pairs=1,2] [--probe_layers=final]
 
 Each evaluation writes <out>/<name>.json and <out>/<name>.png and prints a short summary:
   perplexity  every given model, and the ratio of each to --standard (lm_perplexity.py);
@@ -28,6 +28,11 @@ def _int_list(text):
   return [int(n) for n in items]
 
 
+def _name_list(text):
+  """'block0,final' -> ['block0', 'final'] (checked against the model later)."""
+  return [n.strip() for n in text.split(',') if n.strip()]
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog='python -m jaxgen.analysis.lexinvariant',
                               description=__doc__.split('\n')[0])
@@ -48,6 +53,9 @@ def parse_args(argv=None):
   g.add_argument('--probe_hidden', type=int, default=256)
   g.add_argument('--probe_dim', type=int, default=64)
   g.add_argument('--probe_lr', type=float, default=1e-3)
+  g.add_argument('--probe_layers', default='final', type=_name_list,
+                 help="residual streams the probe reads, side by side: final (the paper's) "
+                      'and/or block<i> (block i\'s output), e.g. block0,final')
   g.add_argument('--num_sequences', type=int, default=1000,
                  help='test windows (paper: 1000); at most the split holds')
   g.add_argument('--window', type=int, default=100, help='characters per key-precision window')
@@ -89,6 +97,7 @@ def run(args):
   todo = EVALS if args.eval == 'all' else (args.eval,)
   if 'cipher' in todo:  # fail before the slower evaluations run
     cipher.check_model(models['lexinvariant'][0])
+    cipher.check_layers(models['lexinvariant'][0], args.probe_layers)
   for name in todo:
     start = time.time()
     if name == 'perplexity':
@@ -101,7 +110,7 @@ def run(args):
           num_sequences=args.num_sequences, window=args.window, stride=args.stride,
           probe_batch=args.probe_batch, probe_hidden=args.probe_hidden,
           probe_dim=args.probe_dim, probe_lr=args.probe_lr, batch_size=args.batch_size,
-          seed=args.seed)
+          seed=args.seed, layers=args.probe_layers)
     else:
       module, (result, image) = reasoning, reasoning.run(
           pairs, num_examples=args.num_examples, num_pairs=args.num_pairs, in_len=args.in_len,
