@@ -120,6 +120,14 @@ def test_frequency_decipherer_over_the_text_so_far_sees_more_than_the_window():
   assert np.isnan(cipher.frequency_precision(enc, key, order, np.array([32, 33])))
 
 
+def test_rise_is_the_change_from_first_to_last_window_paired_by_sequence():
+  curves = np.array([[0.0, 0.5, 1.0], [0.5, np.nan, 0.5], [np.nan, 0.2, 0.4], [0.25, 0.0, 1.0]])
+  r = cipher.rise(curves)  # changes 1, 0, 0.75; the row without a first window is left out
+  assert r['n'] == 3
+  assert r['mean'] == pytest.approx(0.583333, abs=1e-6)
+  assert r['stderr'] == pytest.approx(0.300463, abs=1e-6)  # sqrt(0.541667 / 2) / sqrt(3)
+
+
 def test_counting_stand_in_holds_the_current_symbols_counts(models):
   config = models['lexinvariant'][0].config
   tokens = np.array([[5, 7, 5, 5, 9, 7], [1, 1, 2, 3, 3, 3]])
@@ -440,6 +448,7 @@ def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
   assert {k: len(v) for k, v in c['precision'].items()} == {
       'probe': 3, 'counting_stand_in': 3, 'frequency': 3, 'frequency_prefix': 3}
   assert c['probe']['layers'] == ['block0', 'final']
+  assert set(c['rise']) == set(c['precision']) and c['rise']['frequency']['n'] == 4
   with open(out / 'reasoning.json') as f:
     r = json.load(f)
   assert {t: e['oracle'] for t, e in r['tasks'].items()} == {'lookup': 1.0, 'permutation': 1.0}

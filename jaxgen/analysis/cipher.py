@@ -134,6 +134,16 @@ def window_precisions(cipher, predictions, key, order, starts, window):
   return out
 
 
+def rise(curves):
+  """How much a curve rises from the first window to the last, paired by sequence: curves
+  [N, S] (NaN where a window holds no cipher symbol) -> {mean, stderr, n} of last - first."""
+  change = np.asarray(curves, np.float64)[:, -1] - np.asarray(curves, np.float64)[:, 0]
+  change = change[np.isfinite(change)]
+  n = len(change)
+  stderr = float(change.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan')
+  return {'mean': float(change.mean()) if n else float('nan'), 'stderr': stderr, 'n': n}
+
+
 # ----------------------------------------------------------------------------- the probe
 
 
@@ -322,8 +332,8 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
   per_sequence = [window_precisions(c, {'probe': p, 'counting_stand_in': q}, k, order, starts,
                                     window)
                   for c, p, q, k in zip(cipher, pred, counting, keys)]
-  precision = {name: np.nanmean([seq[name] for seq in per_sequence], 0)
-               for name in per_sequence[0]}
+  curves = {name: np.stack([seq[name] for seq in per_sequence]) for name in per_sequence[0]}
+  precision = {name: np.nanmean(c, 0) for name, c in curves.items()}
   return {
       'num_sequences': len(plain), 'seq_len': d.seq_len, 'window': window, 'stride': stride,
       'seed': seed, 'num_unused_symbols': len(symbols), 'cipher_symbols': symbols,
@@ -332,6 +342,7 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
       'precision': precision,
       'first_window': {name: p[0] for name, p in precision.items()},
       'last_window': {name: p[-1] for name, p in precision.items()},
+      'rise': {name: rise(c) for name, c in curves.items()},
       'probe': {'steps': probe_steps, 'batch_size': probe_batch, 'hidden': probe_hidden,
                 'dim': probe_dim, 'lr': probe_lr, 'layers': list(layers), 'train_loss': curve,
                 **_accuracies(pred, plain)},
@@ -362,9 +373,12 @@ def summary_lines(result):
   f, l, p = result['first_window'], result['last_window'], result['probe']
   acc = p['accuracy_enciphered']
   loss = p['train_loss'][-1][1] if p['train_loss'] else float('nan')
-  lines = ['cipher: key precision in the first / last window']
+  lines = ['cipher: key precision in the first / last window (rise, paired by sequence, '
+           '+- its standard error)']
   for name, label in CURVES.items():
-    lines.append(f"  {label:<34} {f[name]:.3f} / {l[name]:.3f}")
+    r = result['rise'][name]
+    lines.append(f"  {label:<34} {f[name]:.3f} / {l[name]:.3f} "
+                 f"({r['mean']:+.4f} +- {r['stderr']:.4f})")
   lines.append(f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
                f"final train loss {loss:.3f}")
   return lines
