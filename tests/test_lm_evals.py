@@ -446,7 +446,8 @@ def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
     c = json.load(f)
   assert c['window_starts'] == [0, 8, 16]
   assert {k: len(v) for k, v in c['precision'].items()} == {
-      'probe': 3, 'counting_stand_in': 3, 'frequency': 3, 'frequency_prefix': 3}
+      'probe': 3, 'counting_stand_in': 3, 'frequency': 3, 'frequency_prefix': 3,
+      'bigram_search': 3}
   assert c['probe']['layers'] == ['block0', 'final']
   assert set(c['rise']) == set(c['precision']) and c['rise']['frequency']['n'] == 4
   with open(out / 'reasoning.json') as f:

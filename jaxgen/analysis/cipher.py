@@ -20,7 +20,9 @@ reference decipherer ranks cipher symbols by count (ties: first occurrence) and 
 lowercase letters ranked by train-split frequency (ties: alphabetical). It is scored twice:
 counting the window alone, and counting all the text up to the window's end, which is what the
 LM has seen there; the second rises with the window start and is what a model that only counts
-symbols in context could reach.
+symbols in context could reach. A second classical reference, cipher_search, starts from that
+key and searches for the key under which a train-split bigram model finds the text so far most
+likely: how much of the key the text itself gives away.
 """
 import flax.linen as nn
 import jax
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgen.analysis import lm_eval, plots
+from jaxgen.analysis import cipher_search, lm_eval, plots
 from jaxgen.errors import UserError
 
 VOCAB = 128  # the char tokenizer's ids are the ASCII code points
@@ -114,6 +116,19 @@ def frequency_precision(counted, key, order, scored=None):
   ranked = present[np.lexsort((first, -counts))]  # by count, then by first occurrence
   guess = dict(zip(ranked.tolist(), np.asarray(order)[:len(ranked)].tolist()))
   return float(np.mean([guess[s] == LETTERS[s] for s in in_scored]))
+
+
+def searched_precision(cipher, key, guesses, starts, window):
+  """Key precision [S] of keys found by a search (cipher_search.decipher) for one sequence:
+  guesses [S, 26] give each cipher slot's letter index at each window start, scored on the
+  window's symbols."""
+  slots = _symbol_index(cipher, key)
+  out = []
+  for guess, s in zip(guesses, starts):
+    present = np.unique(slots[s:s + window])
+    present = present[present >= 0]
+    out.append(np.mean(guess[present] == present) if len(present) else float('nan'))
+  return np.array(out)
 
 
 def window_starts(seq_len, window, stride):
@@ -332,6 +347,11 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
   per_sequence = [window_precisions(c, {'probe': p, 'counting_stand_in': q}, k, order, starts,
                                     window)
                   for c, p, q, k in zip(cipher, pred, counting, keys)]
+  slots = np.stack([_symbol_index(c, k) for c, k in zip(cipher, keys)])
+  searched = cipher_search.decipher(slots, cipher, [s + window for s in starts],
+                                    cipher_search.bigram_log_probs(train), order)
+  for seq, c, k, g in zip(per_sequence, cipher, keys, searched):
+    seq['bigram_search'] = searched_precision(c, k, g, starts, window)
   curves = {name: np.stack([seq[name] for seq in per_sequence]) for name in per_sequence[0]}
   precision = {name: np.nanmean(c, 0) for name, c in curves.items()}
   return {
@@ -353,7 +373,8 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
 CURVES = {'probe': 'probe on the LM (majority vote)',
           'counting_stand_in': 'probe on a model that only counts',
           'frequency': 'frequency ranks (window)',
-          'frequency_prefix': 'frequency ranks (text so far)'}
+          'frequency_prefix': 'frequency ranks (text so far)',
+          'bigram_search': 'bigram model + search (text so far)'}
 
 
 def figure(result):
