@@ -381,11 +381,13 @@ def figure(result):
   x = result['window_starts']
   p = result['probe']
   layers = p.get('layers', list(FINAL))
-  on = '' if layers == list(FINAL) else f" on {'+'.join(layers)}"
+  labels = dict(CURVES)
+  if layers != list(FINAL):
+    labels['probe'] = f"probe on the LM's {'+'.join(layers)} (majority vote)"
   title = (f"Cipher key precision ({result['num_sequences']} test sequences, "
-           f"{result['window']}-char windows, probe{on} {p['steps']} steps)")
+           f"{result['window']}-char windows, probe {p['steps']} steps)")
   prec = result['precision']
-  return plots.line_plot({label: (x, prec[name]) for name, label in CURVES.items()},
+  return plots.line_plot({label: (x, prec[name]) for name, label in labels.items()},
                          title=title, xlabel='window start (characters)',
                          ylabel='key precision', ylim=(0.0, 1.0))
 
@@ -398,7 +400,7 @@ def summary_lines(result):
            '+- its standard error)']
   for name, label in CURVES.items():
     r = result['rise'][name]
-    lines.append(f"  {label:<34} {f[name]:.3f} / {l[name]:.3f} "
+    lines.append(f"  {label:<36} {f[name]:.3f} / {l[name]:.3f} "
                  f"({r['mean']:+.4f} +- {r['stderr']:.4f})")
   lines.append(f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
                f"final train loss {loss:.3f}")
