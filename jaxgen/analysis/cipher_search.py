@@ -32,10 +32,10 @@ def bigram_log_probs(tokens, smoothing=0.5):
   return np.log(counts / counts.sum(1, keepdims=True))
 
 
-def key_statistics(slots, plain, end, log_probs, letters):
+def key_statistics(slots, text, end, log_probs, letters):
   """(A [26, 26], U [26, 26], slot counts [26], first occurrence [26]) of one text's first
-  `end` characters; slots [L] is each character's cipher slot (-1 for plain characters) and
-  plain [L] the character itself. Jittable."""
+  `end` characters; text [L] holds the characters (cipher symbols among them) and slots [L]
+  each one's cipher slot (-1 for plain characters). Jittable."""
   length = slots.shape[0]
   slots = jnp.where(slots >= 0, slots, NUM_LETTERS)  # plain: an index the scatters drop
   t = jnp.arange(length - 1)
@@ -45,8 +45,8 @@ def key_statistics(slots, plain, end, log_probs, letters):
   both = pair * a_slot * b_slot
   counts_ab = jnp.zeros((NUM_LETTERS, NUM_LETTERS)).at[a, b].add(both, mode='drop')
   # slot followed by a plain character c: log P(c | l); plain c then slot: log P(l | c)
-  after = (pair * a_slot * ~b_slot)[:, None] * log_probs[letters][:, plain[1:]].T
-  before = (pair * ~a_slot * b_slot)[:, None] * log_probs[plain[:-1]][:, letters]
+  after = (pair * a_slot * ~b_slot)[:, None] * log_probs[letters][:, text[1:]].T
+  before = (pair * ~a_slot * b_slot)[:, None] * log_probs[text[:-1]][:, letters]
   u = (jnp.zeros((NUM_LETTERS, NUM_LETTERS)).at[a].add(after, mode='drop')
        .at[b].add(before, mode='drop'))
   seen = (slots < NUM_LETTERS) & (jnp.arange(length) < end)
@@ -110,27 +110,28 @@ def hill_climb(key, counts_ab, u, letter_log_probs, max_swaps):
   return key
 
 
-def decipher(slots, plain, ends, log_probs, order, *, max_swaps=60, batch_size=64):
-  """The searched key [N, E, 26] (slot -> letter index) for each text [N, L] read up to each
-  of `ends` [E]; `order`: the 26 letters' code points, most frequent in train first."""
+def decipher(slots, texts, ends, log_probs, order, *, max_swaps=60, batch_size=64):
+  """The searched key [N, E, 26] (slot -> letter index) for each ciphertext texts [N, L]
+  (slots [N, L] as in key_statistics) read up to each of `ends` [E]; `order`: the 26 letters'
+  code points, most frequent in train first."""
   letters = jnp.arange(ord('a'), ord('a') + NUM_LETTERS)
   log_probs = jnp.asarray(log_probs, jnp.float32)
   letter_ll = log_probs[letters][:, letters]
   order = jnp.asarray(np.asarray(order) - ord('a'), jnp.int32)
 
   @jax.jit
-  def batch(slots, plain, end):
-    def one(slots, plain):
-      counts_ab, u, count, first = key_statistics(slots, plain, end, log_probs, letters)
+  def batch(slots, texts, end):
+    def one(slots, text):
+      counts_ab, u, count, first = key_statistics(slots, text, end, log_probs, letters)
       start = frequency_key(count, first, order)
       return hill_climb(start, counts_ab, u, letter_ll, max_swaps)
-    return jax.vmap(one)(slots, plain)
+    return jax.vmap(one)(slots, texts)
 
   out = np.zeros((len(slots), len(ends), NUM_LETTERS), np.int32)
   for lo in range(0, len(slots), batch_size):
     idx = np.arange(lo, min(lo + batch_size, len(slots)))
     idx = np.pad(idx, (0, batch_size - len(idx)), mode='edge')  # one shape: one compile
     for e, end in enumerate(ends):
-      keys = np.asarray(batch(jnp.asarray(slots[idx]), jnp.asarray(plain[idx]), end))
+      keys = np.asarray(batch(jnp.asarray(slots[idx]), jnp.asarray(texts[idx]), end))
       out[idx, e] = keys
   return out
