@@ -29,8 +29,9 @@ def test_swap_gains_match_rescoring_every_swap():
 
 
 def test_key_statistics_score_a_key_by_the_text_it_deciphers_to():
-  """score(key) differs from the deciphered prefix's bigram log-likelihood by the same constant
-  (the plain-plain bigrams) for every key; counts and first occurrences by hand."""
+  """The score A . LL[key][:, key] + U[s, key_s] differs from the deciphered prefix's bigram
+  log-likelihood by the same constant (the plain-plain bigrams) for every key; counts and first
+  occurrences by hand."""
   rng = np.random.default_rng(1)
   text = np.array([ord(c) for c in 'the cat, the hat. a zebra quietly jumps! xyz'])
   key = rng.choice(np.arange(1, 32), 26, replace=False)
@@ -52,8 +53,8 @@ def test_key_statistics_score_a_key_by_the_text_it_deciphers_to():
     decoded = np.where(slots >= 0, LETTERS[guess[np.maximum(slots, 0)]], enciphered)[:end]
     log_lik = sum(log_probs[a, b] for a, b in zip(decoded[:-1], decoded[1:]))
     letter_ll = log_probs[LETTERS][:, LETTERS]
-    offsets.append(float(cipher_search.score(jnp.asarray(guess), counts_ab, u,
-                                             jnp.asarray(letter_ll))) - log_lik)
+    offsets.append(_score_by_hand(guess, np.asarray(counts_ab), np.asarray(u), letter_ll)
+                   - log_lik)
   np.testing.assert_allclose(offsets, offsets[0], atol=1e-3)
 
 

@@ -152,7 +152,8 @@ def window_precisions(cipher, predictions, key, order, starts, window):
 def rise(curves):
   """How much a curve rises from the first window to the last, paired by sequence: curves
   [N, S] (NaN where a window holds no cipher symbol) -> {mean, stderr, n} of last - first."""
-  change = np.asarray(curves, np.float64)[:, -1] - np.asarray(curves, np.float64)[:, 0]
+  curves = np.asarray(curves, np.float64)
+  change = curves[:, -1] - curves[:, 0]
   change = change[np.isfinite(change)]
   n = len(change)
   stderr = float(change.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan')

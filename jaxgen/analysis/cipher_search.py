@@ -56,13 +56,6 @@ def key_statistics(slots, text, end, log_probs, letters):
   return counts_ab, u, count, first
 
 
-def score(key, counts_ab, u, letter_log_probs):
-  """The key-dependent log-likelihood of a text under key [.., 26] (slot -> letter index)."""
-  ll = letter_log_probs[key[..., :, None], key[..., None, :]]
-  return (counts_ab * ll).sum((-2, -1)) + jnp.take_along_axis(
-      jnp.broadcast_to(u, key.shape[:-1] + u.shape), key[..., None], -1)[..., 0].sum(-1)
-
-
 def frequency_key(count, first, order):
   """Slots ranked by count (ties: first occurrence) take the letters in `order` (letter
   indices, most frequent first): the frequency decipherer's key [26]."""
@@ -71,8 +64,8 @@ def frequency_key(count, first, order):
 
 
 def swap_gains(key, counts_ab, u, letter_log_probs):
-  """score(key with slots i and j's letters swapped) - score(key) for every pair (SWAPS)
-  [325], in O(26) each: a swap changes rows and columns i and j of LL[key][:, key] only."""
+  """The score (module docstring) of key [26] with slots i and j's letters swapped, minus that
+  of key, for every pair (SWAPS) [325], in O(26) each: a swap changes rows and columns i and j of LL[key][:, key] only."""
   i, j = SWAPS[:, 0], SWAPS[:, 1]
   ki, kj = key[i], key[j]
   ll = letter_log_probs

@@ -20,17 +20,17 @@ EVALS = ('perplexity', 'cipher', 'reasoning')
 MODES = ('lexinvariant', 'standard', 'semi')
 
 
-def _int_list(text):
-  """'1,2' -> [1, 2] ('' -> []): positive integers, else an argparse error."""
-  items = [n.strip() for n in text.split(',') if n.strip()]
-  if not all(n.isdigit() and int(n) > 0 for n in items):
-    raise argparse.ArgumentTypeError(f'{text!r}: give positive integers separated by commas')
-  return [int(n) for n in items]
-
-
 def _name_list(text):
   """'block0,final' -> ['block0', 'final'] (checked against the model later)."""
   return [n.strip() for n in text.split(',') if n.strip()]
+
+
+def _int_list(text):
+  """'1,2' -> [1, 2] ('' -> []): positive integers, else an argparse error."""
+  items = _name_list(text)
+  if not all(n.isdigit() and int(n) > 0 for n in items):
+    raise argparse.ArgumentTypeError(f'{text!r}: give positive integers separated by commas')
+  return [int(n) for n in items]
 
 
 def parse_args(argv=None):
