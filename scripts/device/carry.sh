@@ -3,7 +3,7 @@
 # Python 3.12 x86-64 wheels of the packages it does not hold, at the versions .venv tests, and
 # the prepared Shakespeare dataset. A device call then names .carry in `carry` and runs a
 # script beside this one, which installs the wheels first:
-#   bash scripts/device/carry.sh            # here, once per checkout (~30 s, ~14 MB)
+#   bash scripts/device/carry.sh            # here, once per checkout (~10 s, 13 MB)
 #   device run, carry=[".carry"]: bash scripts/device/lexinvariant_cipher.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,18 +15,20 @@ PACKAGES=(array_record dm-tree docstring_parser googleapis-common-protos grain i
           importlib_resources ml_collections portpicker promise simple-parsing tensorboardX
           tensorflow-datasets tensorflow-metadata termcolor toml)
 rm -rf .carry/wheels && mkdir -p .carry/wheels .carry/tfds
-freeze=$($PY -m pip list --format=freeze 2>/dev/null)
-pins=()
-for name in "${PACKAGES[@]}"; do
-  pin=$($PY -c '
-import re, sys
-norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()
-pins = [l for l in sys.argv[2].splitlines() if norm(l.split("==")[0]) == norm(sys.argv[1])]
-print(pins[0] if pins else "")' "$name" "$freeze")
-  [ -n "$pin" ] || { echo "carry.sh: $name is not in .venv; run bash scripts/setup_env.sh" >&2; exit 1; }
-  pins+=("$pin")
-done
-for pin in "${pins[@]}"; do
+# The pins .venv holds for those names, one line each; a name it lacks stops here.
+pins=$($PY - "${PACKAGES[@]}" <<'PYEOF'
+import re, subprocess, sys
+norm = lambda s: re.sub(r'[-_.]+', '-', s).lower()
+freeze = subprocess.run([sys.executable, '-m', 'pip', 'list', '--format=freeze'],
+                        capture_output=True, text=True, check=True).stdout.splitlines()
+held = {norm(line.split('==')[0]): line for line in freeze if '==' in line}
+missing = [n for n in sys.argv[1:] if norm(n) not in held]
+if missing:
+  sys.exit(f'carry.sh: {missing} not in .venv; run bash scripts/setup_env.sh')
+print('\n'.join(held[norm(n)] for n in sys.argv[1:]))
+PYEOF
+)
+for pin in $pins; do
   # Binary wheels for the device's Python; a package published only as source (promise) is
   # pure Python and is built into a py3-none-any wheel here.
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
