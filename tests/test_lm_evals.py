@@ -128,6 +128,12 @@ def test_rise_is_the_change_from_first_to_last_window_paired_by_sequence():
   assert r['stderr'] == pytest.approx(0.300463, abs=1e-6)  # sqrt(0.541667 / 2) / sqrt(3)
 
 
+def test_unigram_entropy_is_the_character_distributions():
+  p = np.array([0.5, 0.25, 0.25])
+  assert cipher.unigram_entropy([1, 1, 2, 3]) == pytest.approx(-(p * np.log(p)).sum())
+  assert cipher.unigram_entropy([7] * 5) == 0.0
+
+
 def test_counting_stand_in_holds_the_current_symbols_counts(models):
   config = models['lexinvariant'][0].config
   tokens = np.array([[5, 7, 5, 5, 9, 7], [1, 1, 2, 3, 3, 3]])
@@ -166,6 +172,10 @@ def test_probe_deciphers_where_the_hidden_state_carries_counts(models):
   counting = result['counting_stand_in']
   assert counting['accuracy_enciphered'] > 0.05
   assert counting['train_loss'][-1][1] < result['probe']['train_loss'][-1][1] - 0.3
+  # Held out, the blind probe is no better than the character frequencies (its loss comes
+  # near the unigram entropy from above); the counting probe gains more than 0.3 nats.
+  assert -0.1 < result['probe']['information'] <= 0.005
+  assert counting['information'] > 0.3
 
 
 def test_probe_layers_are_the_residual_streams_side_by_side(models):
@@ -450,6 +460,8 @@ def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
       'bigram_search': 3}
   assert c['probe']['layers'] == ['block0', 'final']
   assert set(c['rise']) == set(c['precision']) and c['rise']['frequency']['n'] == 4
+  assert c['probe']['information'] == pytest.approx(c['unigram_entropy'] - c['probe']['test_loss'])
+  assert 'probe held-out loss' in proc.stdout
   with open(out / 'reasoning.json') as f:
     r = json.load(f)
   assert {t: e['oracle'] for t, e in r['tasks'].items()} == {'lookup': 1.0, 'permutation': 1.0}

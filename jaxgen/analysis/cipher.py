@@ -23,6 +23,11 @@ LM has seen there; the second rises with the window start and is what a model th
 symbols in context could reach. A second classical reference, cipher_search, starts from that
 key and searches for the key under which a train-split bigram model finds the text so far most
 likely: how much of the key the text itself gives away.
+
+Information: the probe's held-out cross entropy on the plaintext, subtracted from the entropy
+of the train split's characters (what a probe that reads nothing from the state reaches), says
+how much the probed state tells about the current character, in nats per character. Zero
+explains a zero key precision: the probe then predicts the most frequent character, the space.
 """
 import flax.linen as nn
 import jax
@@ -276,42 +281,57 @@ def train_probe(family, lm_params, train_stream, symbols, *, steps, batch_size=8
   return probe, probe_params, curve
 
 
-def predict(family, lm_params, probe, probe_params, cipher, *, batch_size=16, seed=0,
+def predict(family, lm_params, probe, probe_params, cipher, plain, *, batch_size=16, seed=0,
             layers=FINAL):
-  """The probe's argmax character [N, L] for ciphertexts [N, L]; row i's random table from
-  fold_in(PRNGKey(seed), i)."""
+  """For ciphertexts [N, L]: the probe's argmax character [N, L] and its cross entropy [N, L]
+  (nats) on the true plaintext; row i's random table from fold_in(PRNGKey(seed), i)."""
 
   @jax.jit  # parameters as arguments, not constants baked into the executable
-  def batch(lm_params, probe_params, ids, tokens):
+  def batch(lm_params, probe_params, ids, tokens, targets):
     tables = lm_eval.example_tables(family, jax.random.PRNGKey(seed), ids)
     h = hidden_states(family, lm_params, tokens, tables, layers)
     logits = probe.apply({'params': probe_params}, h)
-    return jnp.argmax(logits, -1)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.argmax(logits, -1), nll
 
-  out = []
+  chars, nlls = [], []
   for idx, real in lm_eval.padded_batches(len(cipher), batch_size):
-    out.append(np.asarray(batch(lm_params, probe_params, idx, cipher[idx]))[:real])
-  return np.concatenate(out)
+    c, n = jax.device_get(batch(lm_params, probe_params, idx, cipher[idx], plain[idx]))
+    chars.append(c[:real])
+    nlls.append(n[:real])
+  return np.concatenate(chars), np.concatenate(nlls)
+
+
+def unigram_entropy(tokens):
+  """Entropy (nats) of the character distribution of `tokens`: the cross entropy of a probe
+  that learns only how often each character occurs, i.e. of a hidden state that tells it
+  nothing about the current character."""
+  p = np.bincount(np.asarray(tokens), minlength=VOCAB) / len(tokens)
+  p = p[p > 0]
+  return float(-(p * np.log(p)).sum())
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _probe_predictions(family, lm_params, train, cipher, symbols, *, probe_steps, probe_batch,
+def _probe_predictions(family, lm_params, train, cipher, plain, symbols, *, probe_steps, probe_batch,
                        probe_hidden, probe_dim, probe_lr, batch_size, seed, layers=FINAL):
-  """Trains a probe on `family`'s hidden states; (its characters [N, L] for `cipher`, loss
-  curve)."""
+  """Trains a probe on `family`'s hidden states; (its characters [N, L] for `cipher`, its
+  cross entropy [N, L] on `plain`, train loss curve)."""
   probe, probe_params, curve = train_probe(
       family, lm_params, train, symbols, steps=probe_steps, batch_size=probe_batch,
       hidden=probe_hidden, dim=probe_dim, lr=probe_lr, seed=seed, layers=layers)
-  pred = predict(family, lm_params, probe, probe_params, cipher, batch_size=batch_size,
-                 seed=seed + 2, layers=layers)
-  return pred, curve
+  pred, nll = predict(family, lm_params, probe, probe_params, cipher, plain,
+                      batch_size=batch_size, seed=seed + 2, layers=layers)
+  return pred, nll, curve
 
 
-def _accuracies(pred, plain):
+def _accuracies(pred, nll, plain, entropy):
+  """Accuracies, and the probe's held-out cross entropy against `entropy` (unigram_entropy):
+  their difference is what the hidden state tells the probe about the current character."""
   letter, correct = np.isin(plain, LETTERS), pred == plain
-  return {'accuracy_enciphered': float(correct[letter].mean()) if letter.any() else None,
+  return {'test_loss': float(nll.mean()), 'information': entropy - float(nll.mean()),
+          'accuracy_enciphered': float(correct[letter].mean()) if letter.any() else None,
           'accuracy_plain': float(correct[~letter].mean()) if (~letter).any() else None,
           'accuracy_all': float(correct.mean())}
 
@@ -341,10 +361,11 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
   cipher = np.stack([encipher(p, k) for p, k in zip(plain, keys)])
   settings = dict(probe_steps=probe_steps, probe_batch=probe_batch, probe_hidden=probe_hidden,
                   probe_dim=probe_dim, probe_lr=probe_lr, batch_size=batch_size, seed=seed)
-  pred, curve = _probe_predictions(family, lm_params, train, cipher, symbols, layers=layers,
-                                   **settings)
-  counting, counting_curve = _probe_predictions(CountingStandIn(family.config), {}, train,
-                                                cipher, symbols, **settings)
+  pred, nll, curve = _probe_predictions(family, lm_params, train, cipher, plain, symbols,
+                                        layers=layers, **settings)
+  counting, counting_nll, counting_curve = _probe_predictions(
+      CountingStandIn(family.config), {}, train, cipher, plain, symbols, **settings)
+  entropy = unigram_entropy(train)
   per_sequence = [window_precisions(c, {'probe': p, 'counting_stand_in': q}, k, order, starts,
                                     window)
                   for c, p, q, k in zip(cipher, pred, counting, keys)]
@@ -364,10 +385,12 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
       'first_window': {name: p[0] for name, p in precision.items()},
       'last_window': {name: p[-1] for name, p in precision.items()},
       'rise': {name: rise(c) for name, c in curves.items()},
+      'unigram_entropy': entropy,
       'probe': {'steps': probe_steps, 'batch_size': probe_batch, 'hidden': probe_hidden,
                 'dim': probe_dim, 'lr': probe_lr, 'layers': list(layers), 'train_loss': curve,
-                **_accuracies(pred, plain)},
-      'counting_stand_in': {'train_loss': counting_curve, **_accuracies(counting, plain)},
+                **_accuracies(pred, nll, plain, entropy)},
+      'counting_stand_in': {'train_loss': counting_curve,
+                            **_accuracies(counting, counting_nll, plain, entropy)},
   }
 
 
@@ -405,6 +428,10 @@ def summary_lines(result):
                  f"({r['mean']:+.4f} +- {r['stderr']:.4f})")
   lines.append(f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
                f"final train loss {loss:.3f}")
+  c = result['counting_stand_in']
+  lines.append(f"  probe held-out loss {p['test_loss']:.4f} nats against the unigram entropy "
+               f"{result['unigram_entropy']:.4f}: the state tells it {p['information']:.4f} "
+               f"nats per character (counting stand-in {c['information']:.4f})")
   return lines
 
 
