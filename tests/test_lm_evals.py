@@ -128,10 +128,12 @@ def test_rise_is_the_change_from_first_to_last_window_paired_by_sequence():
   assert r['stderr'] == pytest.approx(0.300463, abs=1e-6)  # sqrt(0.541667 / 2) / sqrt(3)
 
 
-def test_unigram_entropy_is_the_character_distributions():
-  p = np.array([0.5, 0.25, 0.25])
-  assert cipher.unigram_entropy([1, 1, 2, 3]) == pytest.approx(-(p * np.log(p)).sum())
-  assert cipher.unigram_entropy([7] * 5) == 0.0
+def test_unigram_loss_is_the_cross_entropy_under_train_frequencies():
+  train = [1, 1, 2, 3] * 8  # 32 characters; add-one over the 128 code points: p(1) = 17 / 160
+  p = {1: 17 / 160, 2: 9 / 160, 3: 9 / 160, 4: 1 / 160}
+  assert cipher.unigram_loss(train, [1, 2]) == pytest.approx(-np.log(p[1] * p[2]) / 2)
+  assert cipher.unigram_loss(train, np.array([[4, 1], [3, 3]])) == pytest.approx(
+      -np.log(p[4] * p[1] * p[3] * p[3]) / 4)
 
 
 def test_counting_stand_in_holds_the_current_symbols_counts(models):
@@ -173,7 +175,7 @@ def test_probe_deciphers_where_the_hidden_state_carries_counts(models):
   assert counting['accuracy_enciphered'] > 0.05
   assert counting['train_loss'][-1][1] < result['probe']['train_loss'][-1][1] - 0.3
   # Held out, the blind probe is no better than the character frequencies (its loss comes
-  # near the unigram entropy from above); the counting probe gains more than 0.3 nats.
+  # near theirs from above); the counting probe gains more than 0.3 nats.
   assert -0.1 < result['probe']['information'] <= 0.005
   assert counting['information'] > 0.3
 
@@ -460,7 +462,7 @@ def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
       'bigram_search': 3}
   assert c['probe']['layers'] == ['block0', 'final']
   assert set(c['rise']) == set(c['precision']) and c['rise']['frequency']['n'] == 4
-  assert c['probe']['information'] == pytest.approx(c['unigram_entropy'] - c['probe']['test_loss'])
+  assert c['probe']['information'] == pytest.approx(c['unigram_loss'] - c['probe']['test_loss'])
   assert 'probe held-out loss' in proc.stdout
   with open(out / 'reasoning.json') as f:
     r = json.load(f)

@@ -24,9 +24,9 @@ symbols in context could reach. A second classical reference, cipher_search, sta
 key and searches for the key under which a train-split bigram model finds the text so far most
 likely: how much of the key the text itself gives away.
 
-Information: the probe's held-out cross entropy on the plaintext, subtracted from the entropy
-of the train split's characters (what a probe that reads nothing from the state reaches), says
-how much the probed state tells about the current character, in nats per character. Zero
+Information: the probe's held-out cross entropy on the plaintext, subtracted from the same
+text's cross entropy under the train split's character frequencies (what a probe that reads
+nothing from the state reaches), says how much the probed state tells about the current character, in nats per character. Zero
 explains a zero key precision: the probe then predicts the most frequent character, the space.
 """
 import flax.linen as nn
@@ -302,13 +302,12 @@ def predict(family, lm_params, probe, probe_params, cipher, plain, *, batch_size
   return np.concatenate(chars), np.concatenate(nlls)
 
 
-def unigram_entropy(tokens):
-  """Entropy (nats) of the character distribution of `tokens`: the cross entropy of a probe
-  that learns only how often each character occurs, i.e. of a hidden state that tells it
-  nothing about the current character."""
-  p = np.bincount(np.asarray(tokens), minlength=VOCAB) / len(tokens)
-  p = p[p > 0]
-  return float(-(p * np.log(p)).sum())
+def unigram_loss(train, plain):
+  """Cross entropy (nats per character) of `plain` under the character frequencies of `train`
+  (add-one smoothed): the held-out loss of a probe that learns only how often each character
+  occurs, i.e. of a hidden state that tells it nothing about the current character."""
+  p = (np.bincount(np.asarray(train).ravel(), minlength=VOCAB) + 1.0) / (np.size(train) + VOCAB)
+  return float(-np.log(p[np.asarray(plain)]).mean())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -326,11 +325,11 @@ def _probe_predictions(family, lm_params, train, cipher, plain, symbols, *, prob
   return pred, nll, curve
 
 
-def _accuracies(pred, nll, plain, entropy):
-  """Accuracies, and the probe's held-out cross entropy against `entropy` (unigram_entropy):
+def _accuracies(pred, nll, plain, blind):
+  """Accuracies, and the probe's held-out cross entropy against `blind` (unigram_loss):
   their difference is what the hidden state tells the probe about the current character."""
   letter, correct = np.isin(plain, LETTERS), pred == plain
-  return {'test_loss': float(nll.mean()), 'information': entropy - float(nll.mean()),
+  return {'test_loss': float(nll.mean()), 'information': blind - float(nll.mean()),
           'accuracy_enciphered': float(correct[letter].mean()) if letter.any() else None,
           'accuracy_plain': float(correct[~letter].mean()) if (~letter).any() else None,
           'accuracy_all': float(correct.mean())}
@@ -365,7 +364,7 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
                                         layers=layers, **settings)
   counting, counting_nll, counting_curve = _probe_predictions(
       CountingStandIn(family.config), {}, train, cipher, plain, symbols, **settings)
-  entropy = unigram_entropy(train)
+  blind = unigram_loss(train, plain)
   per_sequence = [window_precisions(c, {'probe': p, 'counting_stand_in': q}, k, order, starts,
                                     window)
                   for c, p, q, k in zip(cipher, pred, counting, keys)]
@@ -385,12 +384,12 @@ def evaluate(family, lm_params, *, probe_steps=500, num_sequences=1000, window=1
       'first_window': {name: p[0] for name, p in precision.items()},
       'last_window': {name: p[-1] for name, p in precision.items()},
       'rise': {name: rise(c) for name, c in curves.items()},
-      'unigram_entropy': entropy,
+      'unigram_loss': blind,
       'probe': {'steps': probe_steps, 'batch_size': probe_batch, 'hidden': probe_hidden,
                 'dim': probe_dim, 'lr': probe_lr, 'layers': list(layers), 'train_loss': curve,
-                **_accuracies(pred, nll, plain, entropy)},
+                **_accuracies(pred, nll, plain, blind)},
       'counting_stand_in': {'train_loss': counting_curve,
-                            **_accuracies(counting, counting_nll, plain, entropy)},
+                            **_accuracies(counting, counting_nll, plain, blind)},
   }
 
 
@@ -429,9 +428,9 @@ def summary_lines(result):
   lines.append(f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
                f"final train loss {loss:.3f}")
   c = result['counting_stand_in']
-  lines.append(f"  probe held-out loss {p['test_loss']:.4f} nats against the unigram entropy "
-               f"{result['unigram_entropy']:.4f}: the state tells it {p['information']:.4f} "
-               f"nats per character (counting stand-in {c['information']:.4f})")
+  lines.append(f"  probe held-out loss {p['test_loss']:.4f} nats against {result['unigram_loss']:.4f} "
+               f"from character frequencies alone: the state tells it {p['information']:+.4f} "
+               f"nats per character (counting stand-in {c['information']:+.4f})")
   return lines
 
 
