@@ -341,6 +341,36 @@ def test_perplexity_curve_matches_a_float64_recomputation(models, monkeypatch):
   np.testing.assert_allclose(readout['perplexity'], np.exp(losses.mean(0)), rtol=1e-5)
 
 
+def test_current_token_swap_matches_a_float64_recomputation(models, monkeypatch):
+  traced = jax.jit(chex.assert_max_traces(lm_perplexity._last_log_probs, n=2), static_argnums=0)
+  monkeypatch.setattr(lm_perplexity, 'last_log_probs', traced)
+  family = models['standard'][0]
+  d = family.config.data
+  windows = lm_eval.windows(lm_eval.split_tokens(d, 'test'), d.seq_len + 1, 3)
+  swapped = lm_perplexity.swapped_current_tokens(windows, seed=5)
+  np.testing.assert_array_equal(swapped[:, :-1], windows[:, :-2])
+  for row, new in zip(windows[:, :-1], swapped[:, -1]):
+    assert new != row[-1] and new in row[:-1]
+  np.testing.assert_array_equal(swapped, lm_perplexity.swapped_current_tokens(windows, seed=5))
+
+  def kl64(fam, params, a, b, tables):
+    p, q = (_log_softmax64(fam.apply(params, x, tables)[:, -1]) for x in (a, b))
+    return (np.exp(p) * (p - q)).sum(-1).mean()
+
+  for name, (fam, params, _, _) in models.items():  # batches of 2: the padded one reuses a trace
+    got = lm_perplexity.current_token_swap(fam, params, windows, batch_size=2, seed=5)
+    tables = lm_eval.example_tables(fam, jax.random.PRNGKey(5), np.arange(3))
+    inputs = windows[:, :-1]
+    np.testing.assert_allclose(got['swap'], kl64(fam, params, inputs, swapped, tables),
+                               rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(got['other_window'],
+                               kl64(fam, params, inputs, np.roll(inputs, 1, 0), tables),
+                               rtol=1e-3, atol=1e-6)
+    assert got['swap'] > 1e-4, (name, got)  # the untrained models do read the current token
+  with pytest.raises(UserError, match='one symbol only'):
+    lm_perplexity.swapped_current_tokens(np.full((1, 6), 7))
+
+
 def test_pairwise_references_are_left_out_for_large_vocabularies():
   windows = np.random.default_rng(0).integers(0, 1000, (2, 9))
   big = lm_perplexity.reference_curves(windows, 2048, smooth=2)
@@ -454,6 +484,11 @@ def test_cli_writes_all_three_evaluations(workdirs, tmp_path):
     assert set(result['models_evaluated']) == {'lexinvariant', 'standard'}
     assert Image.open(out / f'{name}.png').size[0] >= 600
     assert f'{name}.json' in proc.stdout
+  with open(out / 'perplexity.json') as f:
+    ppl = json.load(f)
+  assert {m: set(v['current_token_swap_kl']) for m, v in ppl['models'].items()} == {
+      m: {'swap', 'other_window'} for m in ('lexinvariant', 'standard')}
+  assert 'swapping the current token' in proc.stdout
   with open(out / 'cipher.json') as f:
     c = json.load(f)
   assert c['window_starts'] == [0, 8, 16]

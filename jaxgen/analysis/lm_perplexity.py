@@ -13,12 +13,19 @@ construction; they show how much a window's own statistics can explain at each p
 third, with a lexinvariant model, reads such counts through the model's own kind of random
 table (`readout_counter_losses`, two numbers fitted per position): at a CPU model's width it
 is about where small lexinvariant models level off (d = 128: ~4.1 nats late in the window).
+
+`current_token_swap` asks how much each model reads the current token: at the last position,
+the KL between its next-token distributions before and after the current token is replaced by
+another symbol of the window, next to the KL when the whole window is replaced by another.
+A model that predicts only from how often symbols occur so far scores ~0 on the first.
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxgen.analysis import heatmaps, lm_eval, plots
+from jaxgen.errors import UserError
 from jaxgen.metrics import lm as lm_metrics
 
 
@@ -31,6 +38,45 @@ def _losses(family, params, inputs, targets, ids, key):
 
 # One trace per family (the last batch is padded to the same shape, see padded_batches).
 batch_losses = jax.jit(_losses, static_argnums=0)
+
+
+def _last_log_probs(family, params, inputs, ids, key):
+  """Next-token log-probabilities [B, V] at the last position of inputs [B, L]."""
+  tables = lm_eval.example_tables(family, key, ids)
+  return jax.nn.log_softmax(family.apply(params, inputs, tables)[:, -1].astype(jnp.float32))
+
+
+last_log_probs = jax.jit(_last_log_probs, static_argnums=0)
+
+
+def swapped_current_tokens(windows, seed=0):
+  """inputs [N, L] (= windows[:, :-1]) with the last token replaced by another symbol that
+  occurs earlier in the same window, drawn by default_rng(seed)."""
+  inputs = np.array(windows[:, :-1])
+  rng = np.random.default_rng(seed)
+  for row in inputs:
+    others = np.setdiff1d(row[:-1], row[-1:])
+    if not len(others):
+      raise UserError('current_token_swap: a window repeats one symbol only; nothing to swap in')
+    row[-1] = rng.choice(others)
+  return inputs
+
+
+def current_token_swap(family, params, windows, *, batch_size=16, seed=0):
+  """{'swap': mean KL(p || p') when the current (last input) token is swapped for another
+  symbol of its window, 'other_window': the same when window i's inputs are window i - 1's};
+  p the next-token distribution at the last position, window i's table from
+  fold_in(PRNGKey(seed), i) in every case."""
+  inputs = np.asarray(windows[:, :-1])
+  variants = {'swap': swapped_current_tokens(windows, seed),
+              'other_window': np.roll(inputs, 1, axis=0)}
+  key, kl = jax.random.PRNGKey(seed), {name: [] for name in variants}
+  for idx, real in lm_eval.padded_batches(len(windows), batch_size):
+    p = last_log_probs(family, params, inputs[idx], idx, key)
+    for name, x in variants.items():
+      q = last_log_probs(family, params, x[idx], idx, key)
+      kl[name].append(np.asarray((jnp.exp(p) * (p - q)).sum(-1))[:real])
+  return {name: float(np.concatenate(v).mean()) for name, v in kl.items()}
 
 
 def position_loss(family, params, windows, *, batch_size=16, seed=0):
@@ -189,7 +235,9 @@ def evaluate(models, *, num_windows=256, batch_size=16, smooth=16, seed=0):
         'perplexity': np.exp(loss),
         'perplexity_smoothed': np.exp(np.asarray(lm_metrics.moving_average(loss, smooth))),
         'mean_loss': acc.mean_loss(), 'bits_per_token': acc.bits_per_character(),
-        'num_tokens': acc.num_tokens}
+        'num_tokens': acc.num_tokens,
+        'current_token_swap_kl': current_token_swap(fam, params, windows,
+                                                    batch_size=batch_size, seed=seed)}
   lexinvariant = next((f for f, _ in models.values() if f.mode == 'lexinvariant'), None)
   result['references'] = reference_curves(windows, d.vocab_size, smooth, lexinvariant, seed)
   curves = result['models']
@@ -228,6 +276,11 @@ def summary_lines(result):
   for name, m in result['models'].items():
     lines.append(f"  {name:<18} mean loss {m['mean_loss']:.3f} nats, perplexity at first "
                  f"{m['perplexity'][0]:.2f}, at last (smoothed) {m['perplexity_smoothed'][-1]:.2f}")
+  for name, m in result['models'].items():
+    kl = m['current_token_swap_kl']
+    lines.append(f"  {name:<18} at the last position, swapping the current token moves the "
+                 f"prediction by {kl['swap']:.4f} nats (KL), another window by "
+                 f"{kl['other_window']:.4f}")
   for name, m in result.get('references', {}).items():
     lines.append(f"  {name:<18} mean loss {m['mean_loss']:.3f} nats (reference: counts of the "
                  f"window so far), at last (smoothed) {m['perplexity_smoothed'][-1]:.2f}")
