@@ -26,8 +26,9 @@ likely: how much of the key the text itself gives away.
 
 Information: the probe's held-out cross entropy on the plaintext, subtracted from the same
 text's cross entropy under the train split's character frequencies (what a probe that reads
-nothing from the state reaches), says how much the probed state tells about the current character, in nats per character. Zero
-explains a zero key precision: the probe then predicts the most frequent character, the space.
+nothing from the state reaches), says how much the probed state tells about the current
+character, in nats per character. Zero explains a zero key precision: the probe then predicts
+the most frequent character, the space.
 """
 import flax.linen as nn
 import jax
@@ -313,8 +314,9 @@ def unigram_loss(train, plain):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _probe_predictions(family, lm_params, train, cipher, plain, symbols, *, probe_steps, probe_batch,
-                       probe_hidden, probe_dim, probe_lr, batch_size, seed, layers=FINAL):
+def _probe_predictions(family, lm_params, train, cipher, plain, symbols, *, probe_steps,
+                       probe_batch, probe_hidden, probe_dim, probe_lr, batch_size, seed,
+                       layers=FINAL):
   """Trains a probe on `family`'s hidden states; (its characters [N, L] for `cipher`, its
   cross entropy [N, L] on `plain`, train loss curve)."""
   probe, probe_params, curve = train_probe(
@@ -428,9 +430,10 @@ def summary_lines(result):
   lines.append(f"  probe accuracy on enciphered letters {acc if acc is None else round(acc, 3)}, "
                f"final train loss {loss:.3f}")
   c = result['counting_stand_in']
-  lines.append(f"  probe held-out loss {p['test_loss']:.4f} nats against {result['unigram_loss']:.4f} "
-               f"from character frequencies alone: the state tells it {p['information']:+.4f} "
-               f"nats per character (counting stand-in {c['information']:+.4f})")
+  lines.append(f"  probe held-out loss {p['test_loss']:.4f} nats against "
+               f"{result['unigram_loss']:.4f} from character frequencies alone: the state tells "
+               f"it {p['information']:+.4f} nats per character (counting stand-in "
+               f"{c['information']:+.4f})")
   return lines
 
 

@@ -72,10 +72,10 @@ def current_token_swap(family, params, windows, *, batch_size=16, seed=0):
               'other_window': np.roll(inputs, 1, axis=0)}
   key, kl = jax.random.PRNGKey(seed), {name: [] for name in variants}
   for idx, real in lm_eval.padded_batches(len(windows), batch_size):
-    p = last_log_probs(family, params, inputs[idx], idx, key)
+    p = np.asarray(last_log_probs(family, params, inputs[idx], idx, key), np.float64)[:real]
     for name, x in variants.items():
-      q = last_log_probs(family, params, x[idx], idx, key)
-      kl[name].append(np.asarray((jnp.exp(p) * (p - q)).sum(-1))[:real])
+      q = np.asarray(last_log_probs(family, params, x[idx], idx, key), np.float64)[:real]
+      kl[name].append((np.exp(p) * (p - q)).sum(-1))
   return {name: float(np.concatenate(v).mean()) for name, v in kl.items()}
 
 
