@@ -330,8 +330,8 @@ def _probe_predictions(family, lm_params, train, cipher, plain, symbols, *, prob
 def _accuracies(pred, nll, plain, blind):
   """Accuracies, and the probe's held-out cross entropy against `blind` (unigram_loss):
   their difference is what the hidden state tells the probe about the current character."""
-  letter, correct = np.isin(plain, LETTERS), pred == plain
-  return {'test_loss': float(nll.mean()), 'information': blind - float(nll.mean()),
+  letter, correct, loss = np.isin(plain, LETTERS), pred == plain, float(nll.mean())
+  return {'test_loss': loss, 'information': blind - loss,
           'accuracy_enciphered': float(correct[letter].mean()) if letter.any() else None,
           'accuracy_plain': float(correct[~letter].mean()) if (~letter).any() else None,
           'accuracy_all': float(correct.mean())}
